@@ -1,0 +1,922 @@
+//! Reads a YAML document into [`RouterConfig`] the way upstream does (scalars read as strings,
+//! `os.environ/NAME` resolved, then parsed; upstream defaults), but collects every problem with
+//! its field path, and applies the airouter fixes of spec §12 (unique names, `models[]` without
+//! `rpm` unlimited, no silent fallbacks for bad values).
+
+use std::{collections::BTreeMap, collections::HashMap, path::Path, time::Duration};
+
+use serde_yaml::{Mapping, Value};
+
+use super::{
+    duration, BanDuration, ConfigError, CredentialConfig, CredentialType, ErrorCodeRule,
+    Fail2BanConfig, Limit, Loaded, LogLevel, MockConfig, ModelConfig, MonitoringConfig, Problem,
+    RouterConfig, ServerConfig,
+};
+use crate::secret::Secret;
+
+const ENV_PREFIX: &str = "os.environ/";
+
+const TOP_KEYS: &[&str] = &[
+    "server",
+    "fail2ban",
+    "monitoring",
+    "credentials",
+    "models",
+    "model_alias",
+    "litellm_db",
+];
+const SERVER_KEYS: &[&str] = &[
+    "host",
+    "port",
+    "max_body_size_mb",
+    "response_body_multiplier",
+    "request_timeout",
+    "write_timeout",
+    "idle_timeout",
+    "idle_conn_timeout",
+    "max_idle_conns",
+    "max_idle_conns_per_host",
+    "logging_level",
+    "master_key",
+    "default_models_rpm",
+    "max_provider_retries",
+    "model_prices_link",
+    "max_hops",
+];
+const CREDENTIAL_KEYS: &[&str] = &[
+    "name",
+    "type",
+    "api_key",
+    "base_url",
+    "rpm",
+    "tpm",
+    "is_fallback",
+    "project_id",
+    "location",
+    "credentials_file",
+    "credentials_json",
+    "mock",
+];
+const MOCK_KEYS: &[&str] = &[
+    "latency",
+    "chunk_interval",
+    "chunks",
+    "prompt_tokens",
+    "completion_tokens",
+];
+const MODEL_KEYS: &[&str] = &["name", "model", "credential", "rpm", "tpm"];
+const FAIL2BAN_KEYS: &[&str] = &["max_attempts", "ban_duration", "error_codes", "error_code_rules"];
+const RULE_KEYS: &[&str] = &["code", "max_attempts", "ban_duration"];
+const MONITORING_KEYS: &[&str] = &["prometheus_enabled", "log_errors", "errors_log_path"];
+
+pub(super) fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, ConfigError> {
+    let mut p = Parser {
+        env,
+        problems: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let root: Value = match serde_yaml::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let field = e
+                .location()
+                .map(|l| format!("line {} column {}", l.line(), l.column()))
+                .unwrap_or_else(|| "document".into());
+            return Err(ConfigError {
+                problems: vec![Problem {
+                    field,
+                    message: format!("not valid YAML: {e}"),
+                }],
+            });
+        }
+    };
+    let config = p.document(&root);
+    if p.problems.is_empty() {
+        Ok(Loaded {
+            config: config.expect("a document without problems is complete"),
+            warnings: p.warnings,
+        })
+    } else {
+        Err(ConfigError {
+            problems: p.problems,
+        })
+    }
+}
+
+struct Parser<'e> {
+    env: &'e dyn Fn(&str) -> Option<String>,
+    problems: Vec<Problem>,
+    warnings: Vec<Problem>,
+}
+
+/// A scalar as written, after env resolution. `from_env` remembers that the YAML held
+/// `os.environ/X`, so an empty result is an error rather than "use the default".
+struct Scalar {
+    text: String,
+    from_env: bool,
+}
+
+impl Parser<'_> {
+    fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn warn(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push(Problem {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn document(&mut self, root: &Value) -> Option<RouterConfig> {
+        let empty = Mapping::new();
+        let top = match root {
+            Value::Mapping(m) => m,
+            Value::Null => &empty,
+            _ => {
+                self.error("document", "must be a mapping with a `server` and `credentials` section");
+                return None;
+            }
+        };
+        self.unknown_keys(top, "", TOP_KEYS);
+        if top.get("litellm_db").is_some_and(|v| !v.is_null()) {
+            self.warn(
+                "litellm_db",
+                "the LiteLLM database integration is not supported by airouter; the section is ignored",
+            );
+        }
+        let server = self.server(top.get("server"));
+        let fail2ban = match top.get("fail2ban") {
+            None => None,
+            Some(v) => self.fail2ban(v),
+        };
+        let monitoring = self.monitoring(top.get("monitoring"));
+        let credentials = self.credentials(top.get("credentials"));
+        let models = self.models(top.get("models"), &credentials);
+        let model_alias = self.aliases(top.get("model_alias"));
+        Some(RouterConfig {
+            server: server?,
+            fail2ban,
+            monitoring,
+            credentials,
+            models,
+            model_alias,
+        })
+    }
+
+    fn mapping<'v>(&mut self, v: Option<&'v Value>, field: &str, known: &[&str]) -> Option<&'v Mapping> {
+        match v {
+            None | Some(Value::Null) => None,
+            Some(Value::Mapping(m)) => {
+                self.unknown_keys(m, field, known);
+                Some(m)
+            }
+            Some(_) => {
+                self.error(field, "must be a mapping of keys to values");
+                None
+            }
+        }
+    }
+
+    fn unknown_keys(&mut self, m: &Mapping, field: &str, known: &[&str]) {
+        for key in m.keys() {
+            let name = key.as_str().map(str::to_owned).unwrap_or_else(|| format!("{key:?}"));
+            if !known.contains(&name.as_str()) {
+                let path = join(field, &name);
+                self.warn(path, "unknown key, ignored");
+            }
+        }
+    }
+
+    /// Reads a scalar, resolving `os.environ/NAME` when `env` is set.
+    fn scalar(&mut self, m: Option<&Mapping>, key: &str, field: &str, env: bool) -> Option<Scalar> {
+        let v = m?.get(key)?;
+        let text = match v {
+            Value::Null => return None,
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            _ => {
+                self.error(field, "must be a single value, not a list or mapping");
+                return None;
+            }
+        };
+        if env {
+            if let Some(var) = text.strip_prefix(ENV_PREFIX) {
+                let value = (self.env)(var).unwrap_or_default();
+                if value.is_empty() {
+                    self.warn(field, format!("environment variable {var} is unset or empty"));
+                }
+                return Some(Scalar {
+                    text: value,
+                    from_env: true,
+                });
+            }
+        }
+        Some(Scalar {
+            text,
+            from_env: false,
+        })
+    }
+
+    /// A string field; `None` when absent or empty.
+    fn string(&mut self, m: Option<&Mapping>, key: &str, parent: &str, env: bool) -> Option<String> {
+        let field = join(parent, key);
+        self.scalar(m, key, &field, env)
+            .map(|s| s.text)
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Reads a scalar and parses it; `None` when absent (the caller applies the default) or
+    /// invalid (a problem has been recorded).
+    fn parsed<T>(
+        &mut self,
+        m: Option<&Mapping>,
+        key: &str,
+        parent: &str,
+        env: bool,
+        what: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let field = join(parent, key);
+        let s = self.scalar(m, key, &field, env)?;
+        if s.text.is_empty() && !s.from_env {
+            return None;
+        }
+        match parse(s.text.trim()) {
+            Ok(v) => Some(v),
+            Err(why) => {
+                self.error(field, format!("invalid {key}: {:?} is not {what}{}", s.text, suffix(&why)));
+                None
+            }
+        }
+    }
+
+    fn int(&mut self, m: Option<&Mapping>, key: &str, parent: &str, env: bool) -> Option<i64> {
+        self.parsed(m, key, parent, env, "a whole number", |s| {
+            s.parse::<i64>().map_err(|_| String::new())
+        })
+    }
+
+    fn boolean(&mut self, m: Option<&Mapping>, key: &str, parent: &str, env: bool) -> Option<bool> {
+        self.parsed(m, key, parent, env, "true or false", |s| match s {
+            "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+            "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+            _ => Err(String::new()),
+        })
+    }
+
+    fn duration(&mut self, m: Option<&Mapping>, key: &str, parent: &str, env: bool) -> Option<Duration> {
+        self.parsed(m, key, parent, env, "a duration such as 30s, 1m or 1h30m", duration::parse)
+    }
+
+    /// An RPM/TPM limit: `-1` unlimited, a positive number, and `0` per `zero`.
+    fn limit(&mut self, m: Option<&Mapping>, key: &str, parent: &str, env: bool, zero: Zero) -> Limit {
+        let Some(n) = self.int(m, key, parent, env) else {
+            return Limit::Unlimited;
+        };
+        match (n, zero) {
+            (-1, _) => Limit::Unlimited,
+            (0, Zero::Unlimited) => Limit::Unlimited,
+            (n, _) if n > 0 => Limit::PerMinute(n as u64),
+            (n, _) => {
+                self.error(
+                    join(parent, key),
+                    format!("invalid {key}: {n} (must be -1 for unlimited or a positive number)"),
+                );
+                Limit::Unlimited
+            }
+        }
+    }
+
+    fn server(&mut self, v: Option<&Value>) -> Option<ServerConfig> {
+        if v.is_none_or(Value::is_null) {
+            self.error("server", "section is required (it holds at least `master_key`)");
+        }
+        let m = self.mapping(v, "server", SERVER_KEYS);
+        let f = "server";
+        let host = self.string(m, "host", f, true).unwrap_or_else(|| "0.0.0.0".into());
+        if host.parse::<std::net::IpAddr>().is_err() {
+            self.error("server.host", format!("invalid host: {host:?} (must be an IP address such as 0.0.0.0 or 127.0.0.1)"));
+        }
+        let port = match self.int(m, "port", f, true).unwrap_or(8080) {
+            p @ 1..=65535 => p as u16,
+            p => {
+                self.error("server.port", format!("invalid port: {p} (must be 1..65535)"));
+                0
+            }
+        };
+        let max_body_size_mb = match self.int(m, "max_body_size_mb", f, true).unwrap_or(100) {
+            n if n > 0 => n as u64,
+            n => {
+                self.error("server.max_body_size_mb", format!("invalid max_body_size_mb: {n} (must be > 0)"));
+                1
+            }
+        };
+        let response_body_multiplier = match self.int(m, "response_body_multiplier", f, true) {
+            Some(n) if n > 0 => n as u64,
+            _ => 10,
+        };
+        let request_timeout = self.request_timeout(m);
+        let write_timeout = self.duration(m, "write_timeout", f, true).unwrap_or(Duration::from_secs(60));
+        let idle_timeout = match self.duration(m, "idle_timeout", f, true) {
+            Some(Duration::ZERO) => write_timeout * 2,
+            Some(d) => d,
+            None => Duration::from_secs(120),
+        };
+        let idle_conn_timeout = self.duration(m, "idle_conn_timeout", f, true).unwrap_or(Duration::from_secs(120));
+        let max_idle_conns = self.non_negative(m, "max_idle_conns", f, 200);
+        let max_idle_conns_per_host = self.non_negative(m, "max_idle_conns_per_host", f, 20);
+        let logging_level = match self.string(m, "logging_level", f, true).as_deref() {
+            None | Some("info") => LogLevel::Info,
+            Some("debug") => LogLevel::Debug,
+            Some("error") => LogLevel::Error,
+            Some(other) => {
+                self.error("server.logging_level", format!("invalid logging_level: {other} (must be info, debug, or error)"));
+                LogLevel::Info
+            }
+        };
+        let master_key = self.string(m, "master_key", f, true);
+        if master_key.is_none() {
+            self.error("server.master_key", "master_key is required (clients send it as `Authorization: Bearer <master_key>`)");
+        }
+        let default_models_rpm = match self.int(m, "default_models_rpm", f, true) {
+            None | Some(0) | Some(-1) => Limit::Unlimited,
+            Some(n) if n > 0 => Limit::PerMinute(n as u64),
+            Some(n) => {
+                self.error("server.default_models_rpm", format!("invalid default_models_rpm: {n} (must be -1 for unlimited or positive number)"));
+                Limit::Unlimited
+            }
+        };
+        let max_provider_retries = match self.int(m, "max_provider_retries", f, true).unwrap_or(2) {
+            n if (0..=100).contains(&n) => n as u32,
+            n => {
+                self.error("server.max_provider_retries", format!("invalid max_provider_retries: {n} (must be between 0 and 100)"));
+                0
+            }
+        };
+        let model_prices_link = self.string(m, "model_prices_link", f, true).unwrap_or_default();
+        let max_hops = match self.int(m, "max_hops", f, true).unwrap_or(5) {
+            n if (1..=100).contains(&n) => n as u32,
+            n => {
+                self.error("server.max_hops", format!("invalid max_hops: {n} (must be between 1 and 100)"));
+                5
+            }
+        };
+        Some(ServerConfig {
+            host,
+            port,
+            max_body_size_mb,
+            response_body_multiplier,
+            request_timeout,
+            write_timeout,
+            idle_timeout,
+            idle_conn_timeout,
+            max_idle_conns,
+            max_idle_conns_per_host,
+            logging_level,
+            master_key: Secret::new(master_key?),
+            default_models_rpm,
+            max_provider_retries,
+            model_prices_link,
+            max_hops,
+        })
+    }
+
+    /// `request_timeout`: a duration; zero or negative (upstream's `-1ns`) means no timeout.
+    fn request_timeout(&mut self, m: Option<&Mapping>) -> Option<Duration> {
+        let parsed = self.parsed(m, "request_timeout", "server", true, "a duration such as 60s (0 or -1ns: no timeout)", |s| {
+            match s.strip_prefix('-') {
+                Some(rest) => duration::parse(rest).map(|_| None),
+                None => duration::parse(s).map(|d| Some(d).filter(|d| !d.is_zero())),
+            }
+        });
+        match parsed {
+            None => Some(Duration::from_secs(60)),
+            Some(d) => d,
+        }
+    }
+
+    fn non_negative(&mut self, m: Option<&Mapping>, key: &str, parent: &str, default: u64) -> u64 {
+        match self.int(m, key, parent, true) {
+            None => default,
+            Some(n) if n >= 0 => n as u64,
+            Some(n) => {
+                self.error(join(parent, key), format!("invalid {key}: {n} (must be >= 0)"));
+                default
+            }
+        }
+    }
+
+    fn fail2ban(&mut self, v: &Value) -> Option<Fail2BanConfig> {
+        let m = self.mapping(Some(v), "fail2ban", FAIL2BAN_KEYS);
+        let f = "fail2ban";
+        let max_attempts = match self.int(m, "max_attempts", f, true).unwrap_or(3) {
+            n if n > 0 && n <= u32::MAX as i64 => n as u32,
+            n => {
+                self.error("fail2ban.max_attempts", format!("invalid max_attempts: {n} (must be > 0)"));
+                3
+            }
+        };
+        let ban_duration = self.ban_duration(m, "ban_duration", f).unwrap_or(BanDuration::Permanent);
+        let mut error_codes = self.codes(m.and_then(|m| m.get("error_codes")), "fail2ban.error_codes");
+        if error_codes.is_empty() {
+            error_codes.push(429);
+        }
+        let mut error_code_rules = Vec::new();
+        match m.and_then(|m| m.get("error_code_rules")) {
+            None | Some(Value::Null) => {}
+            Some(Value::Sequence(rules)) => {
+                let mut seen: HashMap<u16, usize> = HashMap::new();
+                for (i, rule) in rules.iter().enumerate() {
+                    let rf = format!("fail2ban.error_code_rules[{i}]");
+                    let rm = self.mapping(Some(rule), &rf, RULE_KEYS);
+                    let code = self.int(rm, "code", &rf, false);
+                    let Some(code) = self.status_code(code, &join(&rf, "code")) else {
+                        if rm.is_some_and(|m| m.get("code").is_none()) {
+                            self.error(join(&rf, "code"), "code is required");
+                        }
+                        continue;
+                    };
+                    if let Some(prev) = seen.insert(code, i) {
+                        self.error(join(&rf, "code"), format!("duplicate error_code_rules for code {code} (also error_code_rules[{prev}])"));
+                    }
+                    let max_attempts = match self.int(rm, "max_attempts", &rf, false) {
+                        None => None,
+                        Some(n) if n > 0 && n <= u32::MAX as i64 => Some(n as u32),
+                        Some(n) => {
+                            self.error(join(&rf, "max_attempts"), format!("invalid max_attempts: {n} (must be > 0; omit it to use fail2ban.max_attempts)"));
+                            None
+                        }
+                    };
+                    let ban_duration = self.ban_duration(rm, "ban_duration", &rf);
+                    error_code_rules.push(ErrorCodeRule { code, max_attempts, ban_duration });
+                }
+            }
+            Some(_) => self.error("fail2ban.error_code_rules", "must be a list of {code, max_attempts, ban_duration}"),
+        }
+        Some(Fail2BanConfig {
+            max_attempts,
+            ban_duration,
+            error_codes,
+            error_code_rules,
+        })
+    }
+
+    fn ban_duration(&mut self, m: Option<&Mapping>, key: &str, parent: &str) -> Option<BanDuration> {
+        self.parsed(m, key, parent, true, "`permanent` or a duration such as 30m", |s| {
+            if s == "permanent" {
+                return Ok(BanDuration::Permanent);
+            }
+            duration::parse(s).map(|d| if d.is_zero() { BanDuration::Permanent } else { BanDuration::For(d) })
+        })
+    }
+
+    fn codes(&mut self, v: Option<&Value>, field: &str) -> Vec<u16> {
+        match v {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Sequence(items)) => items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, item)| {
+                    let f = format!("{field}[{i}]");
+                    let n = match item {
+                        Value::Number(n) => n.as_i64(),
+                        Value::String(s) => s.trim().parse().ok(),
+                        _ => None,
+                    };
+                    if n.is_none() {
+                        self.error(&f, format!("{item:?} is not an HTTP status code"));
+                    }
+                    self.status_code(n, &f)
+                })
+                .collect(),
+            Some(_) => {
+                self.error(field, "must be a list of HTTP status codes, e.g. [429, 500]");
+                Vec::new()
+            }
+        }
+    }
+
+    fn status_code(&mut self, n: Option<i64>, field: &str) -> Option<u16> {
+        match n? {
+            n @ 100..=599 => Some(n as u16),
+            n => {
+                self.error(field, format!("{n} is not an HTTP status code (100..599)"));
+                None
+            }
+        }
+    }
+
+    fn monitoring(&mut self, v: Option<&Value>) -> MonitoringConfig {
+        let m = self.mapping(v, "monitoring", MONITORING_KEYS);
+        let f = "monitoring";
+        MonitoringConfig {
+            prometheus_enabled: self.boolean(m, "prometheus_enabled", f, true).unwrap_or(false),
+            log_errors: self.boolean(m, "log_errors", f, true).unwrap_or(false),
+            errors_log_path: self.string(m, "errors_log_path", f, true).unwrap_or_default(),
+        }
+    }
+
+    fn credentials(&mut self, v: Option<&Value>) -> Vec<CredentialConfig> {
+        let items = match v {
+            Some(Value::Sequence(items)) if !items.is_empty() => items,
+            None | Some(Value::Null) | Some(Value::Sequence(_)) => {
+                self.error("credentials", "no credentials configured (add at least one entry)");
+                return Vec::new();
+            }
+            Some(_) => {
+                self.error("credentials", "must be a list of credentials");
+                return Vec::new();
+            }
+        };
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let f = format!("credentials[{i}]");
+            if !item.is_mapping() {
+                self.error(&f, "must be a mapping with at least `name` and `type`");
+                continue;
+            }
+            if let Some(c) = self.credential(item, &f) {
+                if let Some(prev) = names.insert(c.name.clone(), i) {
+                    self.error(join(&f, "name"), format!("duplicate credential name {:?} (also credentials[{prev}]); names must be unique", c.name));
+                }
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    fn credential(&mut self, v: &Value, f: &str) -> Option<CredentialConfig> {
+        let m = self.mapping(Some(v), f, CREDENTIAL_KEYS);
+        let name = self.string(m, "name", f, true);
+        if name.is_none() {
+            self.error(join(f, "name"), "name is required");
+        }
+        let kind = match self.string(m, "type", f, true) {
+            None => {
+                self.error(join(f, "type"), "type is required (one of openai, anthropic, gemini, vertex-ai, bedrock, proxy, mock)");
+                None
+            }
+            Some(t) => match CredentialType::ALL.into_iter().find(|k| k.as_str() == t) {
+                Some(k) => Some(k),
+                None => {
+                    self.error(join(f, "type"), format!("invalid type: {t} (must be one of openai, anthropic, gemini, vertex-ai, bedrock, proxy, mock)"));
+                    None
+                }
+            },
+        };
+        let api_key = self.string(m, "api_key", f, true).map(Secret::new);
+        let base_url = self.base_url(m, f, kind);
+        let rpm = self.limit(m, "rpm", f, true, Zero::Invalid);
+        let tpm = self.limit(m, "tpm", f, true, Zero::Unlimited);
+        let is_fallback = self.boolean(m, "is_fallback", f, true).unwrap_or(false);
+        let project_id = self.string(m, "project_id", f, true);
+        let location = self.string(m, "location", f, true);
+        let credentials_file = self.string(m, "credentials_file", f, true);
+        let credentials_json = self.string(m, "credentials_json", f, true).map(Secret::new);
+        let kind = kind?;
+        let needs_key = matches!(
+            kind,
+            CredentialType::Openai | CredentialType::Anthropic | CredentialType::Bedrock | CredentialType::Gemini
+        );
+        if needs_key && api_key.is_none() {
+            self.error(join(f, "api_key"), format!("api_key is required for type {kind}"));
+        }
+        if kind == CredentialType::VertexAi {
+            if project_id.is_none() {
+                self.error(join(f, "project_id"), "project_id is required for type vertex-ai");
+            }
+            if location.is_none() {
+                self.error(join(f, "location"), "location is required for type vertex-ai");
+            }
+            if api_key.is_none() && credentials_file.is_none() && credentials_json.is_none() {
+                self.error(f, "vertex-ai needs one of api_key, credentials_file or credentials_json");
+            }
+            if let Some(file) = &credentials_file {
+                if !Path::new(file).is_file() {
+                    self.error(join(f, "credentials_file"), format!("file {file:?} does not exist"));
+                }
+            }
+        }
+        let mock = match m.and_then(|m| m.get("mock")) {
+            Some(v) if !v.is_null() && kind != CredentialType::Mock => {
+                let _ = v;
+                self.error(join(f, "mock"), "only a credential of type mock takes a `mock` section");
+                None
+            }
+            v if kind == CredentialType::Mock => Some(self.mock(v, &join(f, "mock"))),
+            _ => None,
+        };
+        Some(CredentialConfig {
+            name: name?,
+            kind,
+            api_key,
+            base_url: base_url.unwrap_or_default(),
+            rpm,
+            tpm,
+            is_fallback,
+            project_id,
+            location,
+            credentials_file,
+            credentials_json,
+            mock,
+        })
+    }
+
+    fn base_url(&mut self, m: Option<&Mapping>, f: &str, kind: Option<CredentialType>) -> Option<String> {
+        let field = join(f, "base_url");
+        let Some(raw) = self.string(m, "base_url", f, true) else {
+            if kind.is_some_and(|k| !matches!(k, CredentialType::VertexAi | CredentialType::Mock)) {
+                self.error(field, "base_url is required");
+            }
+            return None;
+        };
+        let uri: http::Uri = match raw.parse() {
+            Ok(u) => u,
+            Err(e) => {
+                self.error(field, format!("invalid base_url {raw:?}: {e}"));
+                return None;
+            }
+        };
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            other => {
+                self.error(field, format!("base_url must use http or https scheme, got: {}", other.unwrap_or("none")));
+                return None;
+            }
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            self.error(field, "base_url must have a host");
+            return None;
+        }
+        if uri.query().is_some() {
+            self.error(field, "base_url must not have a query string");
+            return None;
+        }
+        let trimmed = raw.trim_end_matches('/');
+        Some(trimmed.strip_suffix("/v1").unwrap_or(trimmed).to_owned())
+    }
+
+    fn mock(&mut self, v: Option<&Value>, f: &str) -> MockConfig {
+        let m = self.mapping(v, f, MOCK_KEYS);
+        let d = MockConfig::default();
+        MockConfig {
+            latency: self.duration(m, "latency", f, true).unwrap_or(d.latency),
+            chunk_interval: self.duration(m, "chunk_interval", f, true).unwrap_or(d.chunk_interval),
+            chunks: match self.int(m, "chunks", f, true) {
+                None => d.chunks,
+                Some(n @ 1..=10_000) => n as u32,
+                Some(n) => {
+                    self.error(join(f, "chunks"), format!("invalid chunks: {n} (must be 1..10000)"));
+                    d.chunks
+                }
+            },
+            prompt_tokens: self.non_negative(m, "prompt_tokens", f, d.prompt_tokens),
+            completion_tokens: self.non_negative(m, "completion_tokens", f, d.completion_tokens),
+        }
+    }
+
+    fn models(&mut self, v: Option<&Value>, credentials: &[CredentialConfig]) -> Vec<ModelConfig> {
+        let items = match v {
+            None | Some(Value::Null) => return Vec::new(),
+            Some(Value::Sequence(items)) => items,
+            Some(_) => {
+                self.error("models", "must be a list of {name, model, credential, rpm, tpm}");
+                return Vec::new();
+            }
+        };
+        let mut seen: HashMap<(String, Option<String>), usize> = HashMap::new();
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let f = format!("models[{i}]");
+            let m = self.mapping(Some(item), &f, MODEL_KEYS);
+            if m.is_none() {
+                self.error(&f, "must be a mapping with at least `name`");
+                continue;
+            }
+            // Upstream resolves no environment variables in models[]; neither do we.
+            let name = self.string(m, "name", &f, false);
+            let model = self.string(m, "model", &f, false);
+            let credential = self.string(m, "credential", &f, false);
+            let rpm = has(m, "rpm").then(|| self.limit(m, "rpm", &f, false, Zero::Invalid));
+            let tpm = has(m, "tpm").then(|| self.limit(m, "tpm", &f, false, Zero::Unlimited));
+            let Some(name) = name else {
+                self.error(join(&f, "name"), "name is required");
+                continue;
+            };
+            if let Some(c) = &credential {
+                if !credentials.iter().any(|cred| &cred.name == c) {
+                    self.warn(join(&f, "credential"), format!("no credential is named {c:?}; the entry binds nothing"));
+                }
+            }
+            if let Some(prev) = seen.insert((name.clone(), credential.clone()), i) {
+                self.error(&f, format!("duplicate entry for model {name:?}{} (also models[{prev}])", credential.as_ref().map(|c| format!(" and credential {c:?}")).unwrap_or_default()));
+            }
+            out.push(ModelConfig { name, model, credential, rpm, tpm });
+        }
+        out
+    }
+
+    fn aliases(&mut self, v: Option<&Value>) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let m = match v {
+            None | Some(Value::Null) => return out,
+            Some(Value::Mapping(m)) => m,
+            Some(_) => {
+                self.error("model_alias", "must be a mapping of alias: target");
+                return out;
+            }
+        };
+        for (k, v) in m {
+            let (Some(k), Some(v)) = (scalar_text(k), scalar_text(v)) else {
+                self.error("model_alias", "aliases and targets must be strings");
+                continue;
+            };
+            let field = format!("model_alias.{k}");
+            let alias = self.resolve(&k, &field);
+            let target = self.resolve(&v, &field);
+            if alias.is_empty() || target.is_empty() {
+                self.error(field, "alias and target must not be empty");
+            } else if alias == target {
+                self.warn(field, "alias equals its target; skipped");
+            } else {
+                out.insert(alias, target);
+            }
+        }
+        out
+    }
+
+    fn resolve(&mut self, s: &str, field: &str) -> String {
+        match s.strip_prefix(ENV_PREFIX) {
+            Some(var) => {
+                let value = (self.env)(var).unwrap_or_default();
+                if value.is_empty() {
+                    self.warn(field, format!("environment variable {var} is unset or empty"));
+                }
+                value
+            }
+            None => s.to_owned(),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Zero {
+    /// `0` is rejected (RPM: upstream's 0 silently blocks every request).
+    Invalid,
+    /// `0` means unlimited (TPM, as upstream).
+    Unlimited,
+}
+
+fn has(m: Option<&Mapping>, key: &str) -> bool {
+    m.and_then(|m| m.get(key)).is_some_and(|v| !v.is_null())
+}
+
+fn scalar_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn join(parent: &str, key: &str) -> String {
+    if parent.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{parent}.{key}")
+    }
+}
+
+fn suffix(why: &str) -> String {
+    if why.is_empty() {
+        String::new()
+    } else {
+        format!(" ({why})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn fields(text: &str) -> Vec<String> {
+        parse(text, &no_env)
+            .unwrap_err()
+            .problems
+            .into_iter()
+            .map(|p| p.field)
+            .collect()
+    }
+
+    const MINIMAL: &str = "server: {master_key: k}\ncredentials: [{name: a, type: openai, api_key: x, base_url: 'http://h/v1/'}]\n";
+
+    #[test]
+    fn upstream_defaults() {
+        let c = parse(MINIMAL, &no_env).unwrap().config;
+        assert_eq!(c.server.port, 8080);
+        assert_eq!(c.server.max_body_size_mb, 100);
+        assert_eq!(c.server.request_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(120));
+        assert_eq!(c.server.max_provider_retries, 2);
+        assert_eq!(c.server.default_models_rpm, Limit::Unlimited);
+        assert_eq!(c.credentials[0].base_url, "http://h");
+        assert_eq!(c.credentials[0].rpm, Limit::Unlimited);
+        assert!(c.fail2ban.is_none());
+    }
+
+    #[test]
+    fn collects_every_problem_with_its_field() {
+        let text = "server: {port: 0, master_key: k, logging_level: INFO, request_timeout: 5}\n\
+                    credentials:\n\
+                    - {name: a, type: foo}\n\
+                    - {name: b, type: openai, api_key: x, base_url: 'ftp://h', rpm: 0, tpm: -2}\n\
+                    - {name: b, type: proxy, base_url: 'http://h'}\n\
+                    models: [{name: m, rpm: 0}, {rpm: 3}]\n";
+        let got = fields(text);
+        for want in [
+            "server.port",
+            "server.logging_level",
+            "server.request_timeout",
+            "credentials[0].type",
+            "credentials[1].base_url",
+            "credentials[1].rpm",
+            "credentials[1].tpm",
+            "credentials[2].name",
+            "models[0].rpm",
+            "models[1].name",
+        ] {
+            assert!(got.iter().any(|f| f == want), "missing {want} in {got:?}");
+        }
+    }
+
+    #[test]
+    fn master_key_and_credentials_are_required() {
+        let got = fields("server: {port: 1}\n");
+        assert_eq!(got, vec!["server.master_key", "credentials"]);
+    }
+
+    #[test]
+    fn env_resolution() {
+        let env = |k: &str| match k {
+            "KEY" => Some("sk-env".to_string()),
+            "PORT" => Some("9000".to_string()),
+            _ => None,
+        };
+        let text = "server: {master_key: os.environ/KEY, port: os.environ/PORT}\n\
+                    credentials: [{name: a, type: openai, api_key: os.environ/KEY, base_url: 'http://h'}]\n";
+        let c = parse(text, &env).unwrap().config;
+        assert_eq!(c.server.port, 9000);
+        assert_eq!(c.server.master_key.expose(), "sk-env");
+        let err = parse("server: {master_key: k, port: os.environ/NOPE}\ncredentials: [{name: a, type: proxy, base_url: 'http://h'}]", &env).unwrap_err();
+        assert_eq!(err.problems[0].field, "server.port");
+    }
+
+    #[test]
+    fn warnings_for_unknown_keys_and_litellm() {
+        let text = format!("{MINIMAL}litellm_db: {{enabled: true}}\nsurprise: 1\n");
+        let w: Vec<_> = parse(&text, &no_env).unwrap().warnings.into_iter().map(|p| p.field).collect();
+        assert!(w.contains(&"litellm_db".to_string()));
+        assert!(w.contains(&"surprise".to_string()));
+    }
+
+    #[test]
+    fn models_without_limits_are_unlimited() {
+        let text = format!("{MINIMAL}models: [{{name: m}}, {{name: m, credential: a, rpm: 5}}]\n");
+        let c = parse(&text, &no_env).unwrap().config;
+        assert_eq!(c.models[0].rpm, None);
+        assert_eq!(c.models[1].rpm, Some(Limit::PerMinute(5)));
+    }
+
+    #[test]
+    fn fail2ban_section() {
+        let text = format!("{MINIMAL}fail2ban: {{max_attempts: 2, ban_duration: 1m, error_codes: [500], error_code_rules: [{{code: 401, max_attempts: 1, ban_duration: permanent}}]}}\n");
+        let f = parse(&text, &no_env).unwrap().config.fail2ban.unwrap();
+        assert_eq!(f.ban_duration, BanDuration::For(Duration::from_secs(60)));
+        assert_eq!(f.error_codes, vec![500]);
+        assert_eq!(f.error_code_rules[0].ban_duration, Some(BanDuration::Permanent));
+        let dup = format!("{MINIMAL}fail2ban: {{error_code_rules: [{{code: 401}}, {{code: 401}}]}}\n");
+        assert_eq!(fields(&dup), vec!["fail2ban.error_code_rules[1].code"]);
+    }
+
+    #[test]
+    fn rendered_document_reads_back_equal() {
+        let text = format!(
+            "{MINIMAL}fail2ban: {{max_attempts: 2, ban_duration: 90s, error_codes: [500, 429]}}\n\
+             models: [{{name: m, model: real-m, rpm: 5, tpm: 100}}]\nmodel_alias: {{fast: m}}\n"
+        );
+        let c = parse(&text, &no_env).unwrap().config;
+        let again = parse(&c.to_yaml(), &no_env).unwrap().config;
+        assert_eq!(c, again);
+    }
+}

@@ -1,0 +1,175 @@
+//! `/health`, `/health/readiness` and `/v1/models`: read-only views of the running config and
+//! its live state. Nothing here ever includes a key.
+
+use std::{
+    collections::BTreeMap,
+    sync::atomic::Ordering,
+    time::{Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use serde::Serialize;
+
+use crate::{
+    body::RespBody,
+    error::json_response,
+    limit::CredUsage,
+    proxy::App,
+    runtime::Runtime,
+};
+
+#[derive(Serialize)]
+struct Health<'a> {
+    status: &'static str,
+    credentials_available: usize,
+    credentials_banned: usize,
+    total_credentials: usize,
+    credentials: BTreeMap<&'a str, CredentialHealth<'a>>,
+    models: BTreeMap<String, PairHealth<'a>>,
+}
+
+#[derive(Serialize)]
+struct CredentialHealth<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    is_fallback: bool,
+    is_banned: bool,
+    current_rpm: u64,
+    current_tpm: u64,
+    limit_rpm: i64,
+    limit_tpm: i64,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    banned_error_counts: BTreeMap<String, u32>,
+}
+
+#[derive(Serialize)]
+struct PairHealth<'a> {
+    credential: &'a str,
+    model: String,
+    is_banned: bool,
+    current_rpm: u64,
+    current_tpm: u64,
+    limit_rpm: i64,
+    limit_tpm: i64,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    error_code_counts: BTreeMap<String, u32>,
+}
+
+/// The upstream `/health` document (spec §9.1) with our fixes (§12.12): a credential counts as
+/// banned when any of its pairs is, as available when it is not banned, not at a credential
+/// limit and of a supported type; the status is 503 only when none is available.
+pub fn health(rt: &Runtime) -> Response<RespBody> {
+    let now = Instant::now();
+    let usages: Vec<CredUsage> = rt.credentials.iter().map(|c| c.state.usage(now)).collect();
+    let mut credentials = BTreeMap::new();
+    let mut models = BTreeMap::new();
+    let (mut available, mut banned) = (0, 0);
+    for (cred, usage) in rt.credentials.iter().zip(&usages) {
+        let mut banned_counts = BTreeMap::new();
+        for pair in usage.pairs.iter().filter(|p| p.ban.is_some()) {
+            for (code, n) in &pair.strikes {
+                *banned_counts.entry(code.to_string()).or_insert(0) += n;
+            }
+        }
+        let is_banned = usage.pairs.iter().any(|p| p.ban.is_some());
+        let at_limit = cred.rpm.get().is_some_and(|l| usage.rpm >= l) || cred.tpm.get().is_some_and(|l| usage.tpm >= l);
+        banned += usize::from(is_banned);
+        available += usize::from(!is_banned && !at_limit && cred.kind.is_supported());
+        credentials.insert(
+            &*cred.name,
+            CredentialHealth {
+                kind: cred.kind.as_str(),
+                is_fallback: cred.is_fallback,
+                is_banned,
+                current_rpm: usage.rpm,
+                current_tpm: usage.tpm,
+                limit_rpm: cred.rpm.as_i64(),
+                limit_tpm: cred.tpm.as_i64(),
+                banned_error_counts: banned_counts,
+            },
+        );
+    }
+    for (model, slot) in rt.pairs() {
+        let cred = &rt.credentials[slot.cred];
+        let pair = usages[slot.cred].pairs.iter().find(|p| p.model == model);
+        models.insert(
+            format!("{}:{}", cred.name, model),
+            PairHealth {
+                credential: &cred.name,
+                model: model.to_owned(),
+                is_banned: pair.is_some_and(|p| p.ban.is_some()),
+                current_rpm: pair.map_or(0, |p| p.rpm),
+                current_tpm: pair.map_or(0, |p| p.tpm),
+                limit_rpm: slot.model_rpm.as_i64(),
+                limit_tpm: slot.model_tpm.as_i64(),
+                error_code_counts: pair
+                    .filter(|p| p.ban.is_some())
+                    .map(|p| p.strikes.iter().map(|(c, n)| (c.to_string(), *n)).collect())
+                    .unwrap_or_default(),
+            },
+        );
+    }
+    // Pairs that only exist in the state (models no `models[]` entry names).
+    for (cred, usage) in rt.credentials.iter().zip(&usages) {
+        for pair in &usage.pairs {
+            let key = format!("{}:{}", cred.name, pair.model);
+            models.entry(key).or_insert_with(|| PairHealth {
+                credential: &cred.name,
+                model: pair.model.clone(),
+                is_banned: pair.ban.is_some(),
+                current_rpm: pair.rpm,
+                current_tpm: pair.tpm,
+                limit_rpm: -1,
+                limit_tpm: -1,
+                error_code_counts: if pair.ban.is_some() {
+                    pair.strikes.iter().map(|(c, n)| (c.to_string(), *n)).collect()
+                } else {
+                    BTreeMap::new()
+                },
+            });
+        }
+    }
+    let doc = Health {
+        status: if available > 0 { "healthy" } else { "unhealthy" },
+        credentials_available: available,
+        credentials_banned: banned,
+        total_credentials: rt.credentials.len(),
+        credentials,
+        models,
+    };
+    let status = if available > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json_response(status, to_json(&doc))
+}
+
+/// LiteLLM-style readiness (spec §9.3); 503 while shutting down.
+pub fn readiness(app: &App) -> Response<RespBody> {
+    let ready = app.ready.load(Ordering::Relaxed);
+    let doc = serde_json::json!({
+        "status": if ready { "healthy" } else { "shutting_down" },
+        "db": "Not connected",
+        "cache": "",
+        "litellm_version": env!("CARGO_PKG_VERSION"),
+        "success_callbacks": null,
+        "use_aiohttp_transport": false,
+        "last_updated": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+    });
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json_response(status, to_json(&doc))
+}
+
+/// `GET /v1/models`: every distinct `models[].name`, in config order.
+pub fn models(rt: &Runtime) -> Response<RespBody> {
+    let data: Vec<_> = rt
+        .model_ids
+        .iter()
+        .map(|id| serde_json::json!({"id": id, "object": "model", "created": rt.loaded_at_unix, "owned_by": "system"}))
+        .collect();
+    json_response(StatusCode::OK, to_json(&serde_json::json!({"object": "list", "data": data})))
+}
+
+fn to_json<T: Serialize>(v: &T) -> Bytes {
+    let mut out = serde_json::to_vec(v).expect("health JSON serialises");
+    out.push(b'\n');
+    Bytes::from(out)
+}

@@ -1,0 +1,24 @@
+//! airouter data plane: one OpenAI-compatible endpoint in front of many provider credentials,
+//! with round-robin selection, exact per-credential and per-model RPM/TPM limits, fail2ban,
+//! retries and fallback to other routers.
+//!
+//! Pipeline (one module each): [`config`] (the document) → [`runtime`] (compiled snapshot,
+//! swapped by [`store`]) → [`proxy`] (the request path: [`request`] probing and rewrites,
+//! [`select`] with [`limit`], [`upstream`] or [`mock`], [`stream`] accounting) → responses and
+//! [`error`]s; [`health`] views; [`server`] accepts connections.
+
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod health;
+pub mod limit;
+pub mod mock;
+pub mod proxy;
+pub mod request;
+pub mod runtime;
+pub mod secret;
+pub mod select;
+pub mod server;
+pub mod store;
+pub mod stream;
+pub mod upstream;

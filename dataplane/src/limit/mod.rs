@@ -1,0 +1,310 @@
+//! Rate limits and bans: the state that decides whether a (credential, model) pair may take
+//! one more request.
+//!
+//! Selection never touches this state directly; it asks a [`Limits`] backend to admit a slot.
+//! [`LocalLimits`] keeps the state in process ([`CredState`], one lock per credential, held for
+//! a few hundred nanoseconds and never across an `.await`); a shared backend (Redis) implements
+//! the same trait.
+
+pub mod fail2ban;
+mod window;
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use parking_lot::Mutex;
+
+pub use self::window::WINDOW;
+use self::{
+    fail2ban::{Ban, Outcome, PairBans, Policy},
+    window::Window,
+};
+use crate::config::Limit;
+
+/// The limits that apply to one admission: the credential's and the pair's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotLimits {
+    pub rpm: Limit,
+    pub tpm: Limit,
+    pub model_rpm: Limit,
+    pub model_tpm: Limit,
+}
+
+/// The answer to "may this pair take one more request now?".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Admitted; one request has been recorded on the credential and the pair windows.
+    Admitted,
+    /// The pair is banned until then (`None`: permanently).
+    Banned { until: Option<Instant> },
+    /// A window is full; it frees up then (`None`: not known).
+    Limited { frees_at: Option<Instant> },
+}
+
+/// A pair the backend is asked about. `state` is the in-process state of the credential; a
+/// shared backend keys by `credential` instead.
+#[derive(Clone, Copy)]
+pub struct SlotRef<'a> {
+    pub credential: &'a str,
+    pub state: &'a CredState,
+    pub model: &'a str,
+    pub limits: SlotLimits,
+}
+
+/// Where RPM/TPM windows and bans live.
+pub trait Limits: Send + Sync + 'static {
+    /// Atomically checks the ban and every window of the slot and, if all pass, records one
+    /// request on both the credential and the pair.
+    fn admit(&self, slot: SlotRef<'_>, now: Instant) -> Admission;
+    /// Charges tokens reported by the provider's `usage`.
+    fn charge_tokens(&self, slot: SlotRef<'_>, tokens: u64, now: Instant);
+    /// Feeds one attempt's outcome to fail2ban; returns the ban it caused.
+    fn record_outcome(&self, slot: SlotRef<'_>, outcome: Outcome, policy: &Policy, now: Instant) -> Option<Ban>;
+}
+
+/// The in-process backend: each replica enforces its own windows.
+#[derive(Debug, Default)]
+pub struct LocalLimits;
+
+impl Limits for LocalLimits {
+    fn admit(&self, slot: SlotRef<'_>, now: Instant) -> Admission {
+        slot.state.admit(slot.model, &slot.limits, now)
+    }
+
+    fn charge_tokens(&self, slot: SlotRef<'_>, tokens: u64, now: Instant) {
+        slot.state.charge_tokens(slot.model, tokens, now)
+    }
+
+    fn record_outcome(&self, slot: SlotRef<'_>, outcome: Outcome, policy: &Policy, now: Instant) -> Option<Ban> {
+        slot.state.record_outcome(slot.model, outcome, policy, now)
+    }
+}
+
+/// Above this many pairs, idle ones (empty windows, no ban, no strikes) are dropped, so a
+/// client sending made-up model names cannot grow memory without bound.
+const MAX_IDLE_PAIRS: usize = 1024;
+
+/// Windows and bans of one credential and its pairs. Carried across config reloads while the
+/// credential's name still exists.
+#[derive(Debug, Default)]
+pub struct CredState {
+    inner: Mutex<CredInner>,
+}
+
+#[derive(Debug, Default)]
+struct CredInner {
+    rpm: Window,
+    tpm: Window,
+    pairs: HashMap<Arc<str>, PairState>,
+}
+
+#[derive(Debug, Default)]
+struct PairState {
+    rpm: Window,
+    tpm: Window,
+    bans: PairBans,
+}
+
+impl PairState {
+    fn is_idle(&self) -> bool {
+        self.rpm.is_empty() && self.tpm.is_empty() && self.bans.is_idle()
+    }
+}
+
+impl CredInner {
+    fn pair(&mut self, model: &str) -> &mut PairState {
+        if !self.pairs.contains_key(model) {
+            if self.pairs.len() >= MAX_IDLE_PAIRS {
+                self.pairs.retain(|_, p| !p.is_idle());
+            }
+            self.pairs.insert(Arc::from(model), PairState::default());
+        }
+        self.pairs.get_mut(model).expect("inserted above")
+    }
+}
+
+/// A point-in-time view of one pair, for `/health` and the admin state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PairUsage {
+    pub model: String,
+    pub rpm: u64,
+    pub tpm: u64,
+    pub ban: Option<Ban>,
+    pub strikes: Vec<(u16, u32)>,
+    pub last_error: Option<u16>,
+}
+
+/// A point-in-time view of one credential.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CredUsage {
+    pub rpm: u64,
+    pub tpm: u64,
+    pub pairs: Vec<PairUsage>,
+}
+
+impl CredState {
+    pub fn admit(&self, model: &str, limits: &SlotLimits, now: Instant) -> Admission {
+        let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        if let Some(pair) = inner.pairs.get_mut(model) {
+            if let Some(ban) = pair.bans.active(now) {
+                return Admission::Banned { until: ban.until };
+            }
+        }
+        let mut frees_at: Option<Instant> = None;
+        let mut full = false;
+        for (window, limit) in [(&mut inner.rpm, limits.rpm), (&mut inner.tpm, limits.tpm)] {
+            if !window.has_room(now, limit.get()) {
+                full = true;
+                frees_at = later(frees_at, window.frees_at(limit.get().unwrap_or(0)));
+            }
+        }
+        let pair = inner.pair(model);
+        for (window, limit) in [(&mut pair.rpm, limits.model_rpm), (&mut pair.tpm, limits.model_tpm)] {
+            if !window.has_room(now, limit.get()) {
+                full = true;
+                frees_at = later(frees_at, window.frees_at(limit.get().unwrap_or(0)));
+            }
+        }
+        if !full {
+            pair.rpm.add(now, 1);
+        }
+        if full {
+            return Admission::Limited { frees_at };
+        }
+        inner.rpm.add(now, 1);
+        Admission::Admitted
+    }
+
+    pub fn charge_tokens(&self, model: &str, tokens: u64, now: Instant) {
+        if tokens == 0 {
+            return;
+        }
+        let mut inner = self.inner.lock();
+        inner.tpm.add(now, tokens);
+        inner.pair(model).tpm.add(now, tokens);
+    }
+
+    pub fn record_outcome(&self, model: &str, outcome: Outcome, policy: &Policy, now: Instant) -> Option<Ban> {
+        let mut inner = self.inner.lock();
+        if (200..300).contains(&outcome.status) && !inner.pairs.contains_key(model) {
+            return None; // nothing to reset
+        }
+        inner.pair(model).bans.record(outcome, policy, now)
+    }
+
+    /// Lifts every ban and strike (the key behind the credential changed).
+    pub fn clear_bans(&self) {
+        let mut inner = self.inner.lock();
+        for pair in inner.pairs.values_mut() {
+            pair.bans = PairBans::default();
+        }
+    }
+
+    pub fn usage(&self, now: Instant) -> CredUsage {
+        let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        let mut pairs: Vec<PairUsage> = inner
+            .pairs
+            .iter_mut()
+            .map(|(model, p)| PairUsage {
+                model: model.to_string(),
+                rpm: p.rpm.sum(now),
+                tpm: p.tpm.sum(now),
+                ban: p.bans.active(now).cloned(),
+                strikes: p.bans.strikes.clone(),
+                last_error: p.bans.last_error,
+            })
+            .collect();
+        pairs.sort_by(|a, b| a.model.cmp(&b.model));
+        CredUsage {
+            rpm: inner.rpm.sum(now),
+            tpm: inner.tpm.sum(now),
+            pairs,
+        }
+    }
+}
+
+/// The later of two "frees at" moments: a slot is free only when all its full windows are.
+fn later(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Seconds until `at`, rounded up, at least 1: the value of a `Retry-After` header.
+pub fn retry_after_secs(at: Instant, now: Instant) -> u64 {
+    let d = at.saturating_duration_since(now);
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+}
+
+/// Parses an upstream `Retry-After` given in seconds (the HTTP-date form is ignored).
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(rpm: u64, model_rpm: Limit) -> SlotLimits {
+        SlotLimits {
+            rpm: Limit::PerMinute(rpm),
+            model_rpm,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn admits_up_to_the_limit_then_reports_when_it_frees() {
+        let s = CredState::default();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(s.admit("m", &limits(3, Limit::Unlimited), t0), Admission::Admitted);
+        }
+        assert_eq!(
+            s.admit("m", &limits(3, Limit::Unlimited), t0 + Duration::from_secs(1)),
+            Admission::Limited { frees_at: Some(t0 + WINDOW) }
+        );
+        assert_eq!(s.admit("m", &limits(3, Limit::Unlimited), t0 + WINDOW), Admission::Admitted);
+    }
+
+    #[test]
+    fn a_full_pair_records_nothing_on_the_credential() {
+        let s = CredState::default();
+        let t0 = Instant::now();
+        let l = limits(100, Limit::PerMinute(1));
+        assert_eq!(s.admit("m", &l, t0), Admission::Admitted);
+        assert!(matches!(s.admit("m", &l, t0), Admission::Limited { .. }));
+        assert_eq!(s.usage(t0).rpm, 1, "the refused request was not counted");
+        assert_eq!(s.admit("other", &l, t0), Admission::Admitted, "pairs are separate");
+    }
+
+    #[test]
+    fn tokens_fill_the_tpm_window() {
+        let s = CredState::default();
+        let t0 = Instant::now();
+        let l = SlotLimits {
+            tpm: Limit::PerMinute(20),
+            ..Default::default()
+        };
+        assert_eq!(s.admit("m", &l, t0), Admission::Admitted);
+        s.charge_tokens("m", 12, t0);
+        assert_eq!(s.admit("m", &l, t0), Admission::Admitted, "12 < 20");
+        s.charge_tokens("m", 12, t0);
+        assert!(matches!(s.admit("m", &l, t0), Admission::Limited { .. }));
+        let u = s.usage(t0);
+        assert_eq!((u.rpm, u.tpm, u.pairs[0].tpm), (2, 24, 24));
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        let now = Instant::now();
+        assert_eq!(retry_after_secs(now + Duration::from_millis(1500), now), 2);
+        assert_eq!(retry_after_secs(now, now), 1);
+    }
+}

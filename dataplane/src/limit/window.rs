@@ -1,0 +1,117 @@
+//! An exact 60-second sliding window of counts (requests or tokens).
+//!
+//! Events are kept with their time; the sum counts every event strictly younger than 60 s.
+//! Events within one millisecond are merged into one entry stamped with the *later* time, so a
+//! window holds at most 60,000 entries whatever the traffic, and merging can only make an
+//! event expire later — never admit more than the limit.
+
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
+
+pub const WINDOW: Duration = Duration::from_secs(60);
+const MERGE: Duration = Duration::from_millis(1);
+
+#[derive(Debug, Default)]
+pub struct Window {
+    events: VecDeque<(Instant, u64)>,
+    sum: u64,
+}
+
+impl Window {
+    fn prune(&mut self, now: Instant) {
+        while let Some(&(at, n)) = self.events.front() {
+            if now.saturating_duration_since(at) < WINDOW {
+                break;
+            }
+            self.events.pop_front();
+            self.sum -= n;
+        }
+    }
+
+    /// The total within the window ending at `now`.
+    pub fn sum(&mut self, now: Instant) -> u64 {
+        self.prune(now);
+        self.sum
+    }
+
+    pub fn add(&mut self, now: Instant, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.sum += n;
+        if let Some(last) = self.events.back_mut() {
+            if now.saturating_duration_since(last.0) < MERGE {
+                last.0 = last.0.max(now);
+                last.1 += n;
+                return;
+            }
+        }
+        self.events.push_back((now, n));
+    }
+
+    /// Whether one more event fits under `limit` (`None`: unlimited).
+    pub fn has_room(&mut self, now: Instant, limit: Option<u64>) -> bool {
+        limit.is_none_or(|limit| self.sum(now) < limit)
+    }
+
+    /// The earliest moment the sum drops below `limit`. Call after [`Window::sum`] at `now`.
+    pub fn frees_at(&self, limit: u64) -> Option<Instant> {
+        let mut remaining = self.sum;
+        for &(at, n) in &self.events {
+            if remaining < limit {
+                break;
+            }
+            remaining -= n;
+            if remaining < limit {
+                return Some(at + WINDOW);
+            }
+        }
+        None
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slides_exactly() {
+        let t0 = Instant::now();
+        let mut w = Window::default();
+        w.add(t0, 1);
+        w.add(t0 + Duration::from_secs(30), 1);
+        assert_eq!(w.sum(t0 + Duration::from_secs(59)), 2);
+        assert_eq!(w.sum(t0 + Duration::from_secs(60)), 1);
+        assert_eq!(w.sum(t0 + Duration::from_secs(90)), 0);
+    }
+
+    #[test]
+    fn frees_when_oldest_expires() {
+        let t0 = Instant::now();
+        let mut w = Window::default();
+        w.add(t0, 5);
+        w.add(t0 + Duration::from_secs(10), 5);
+        assert_eq!(w.sum(t0 + Duration::from_secs(11)), 10);
+        assert_eq!(w.frees_at(10), Some(t0 + WINDOW));
+        assert_eq!(w.frees_at(4), Some(t0 + Duration::from_secs(10) + WINDOW));
+        assert!(!w.has_room(t0 + Duration::from_secs(11), Some(10)));
+        assert!(w.has_room(t0 + Duration::from_secs(11), None));
+    }
+
+    #[test]
+    fn merging_keeps_the_later_time() {
+        let t0 = Instant::now();
+        let mut w = Window::default();
+        for i in 0..100 {
+            w.add(t0 + Duration::from_micros(i), 1);
+        }
+        assert_eq!(w.events.len(), 1);
+        assert_eq!(w.sum(t0 + WINDOW), 100, "merged events expire no earlier than the last one");
+    }
+}

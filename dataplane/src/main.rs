@@ -1,0 +1,233 @@
+//! The `airouter` binary: `run` the router, or `check-config` a file.
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{atomic::AtomicBool, Arc},
+};
+
+use airouter::{
+    config::{ConfigError, Loaded, LogLevel, RouterConfig},
+    limit::LocalLimits,
+    proxy::{App, SHUTDOWN_GRACE},
+    server,
+    store::ConfigStore,
+    upstream,
+};
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing::{error, info, warn};
+
+/// Exit status for a config that does not validate (sysexits EX_USAGE).
+const EXIT_BAD_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "airouter", version, about = "OpenAI-compatible LLM API router")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the router.
+    Run {
+        /// Config file (Auto AI Router format).
+        #[arg(long, short = 'c', env = "AIROUTER_CONFIG", default_value = "config.yaml")]
+        config: PathBuf,
+        /// Log line format.
+        #[arg(long, env = "AIROUTER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Validate a config file: print every problem with its field path; exit 64 if invalid.
+    CheckConfig {
+        /// Config file to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Accepts the upstream spelling (`-config FILE`, no subcommand) so existing deployment
+/// scripts keep working.
+fn normalise_args(args: Vec<String>) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len() + 1);
+    let mut iter = args.into_iter();
+    out.extend(iter.next());
+    let rest: Vec<String> = iter
+        .map(|a| match a.as_str() {
+            "-config" => "--config".to_owned(),
+            s if s.starts_with("-config=") => format!("-{s}"),
+            _ => a,
+        })
+        .collect();
+    let has_command = rest.first().is_some_and(|a| !a.starts_with('-'))
+        || rest.iter().any(|a| matches!(a.as_str(), "-h" | "--help" | "-V" | "--version"));
+    if !has_command {
+        out.push("run".to_owned());
+    }
+    out.extend(rest);
+    out
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_from(normalise_args(std::env::args().collect()));
+    match cli.command {
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Run { config, log_format } => run(&config, log_format),
+    }
+}
+
+fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        problems: vec![airouter::config::Problem {
+            field: path.display().to_string(),
+            message: format!("cannot read the config file: {e}"),
+        }],
+    })?;
+    RouterConfig::from_yaml(&text, &|name| std::env::var(name).ok())
+}
+
+fn check_config(path: &Path) -> ExitCode {
+    match load(path) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                println!("warning: {w}");
+            }
+            let c = &loaded.config;
+            let unsupported: Vec<_> = c.credentials.iter().filter(|c| !c.kind.is_supported()).collect();
+            for cred in &unsupported {
+                println!("warning: credential {:?} has type {} whose adapter airouter does not have yet; it will never be selected", cred.name, cred.kind);
+            }
+            println!(
+                "{}: ok ({} credentials, {} model entries, {} aliases)",
+                path.display(),
+                c.credentials.len(),
+                c.models.len(),
+                c.model_alias.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for p in &e.problems {
+                println!("error: {p}");
+            }
+            println!("{}: {} problem(s); the config was not accepted", path.display(), e.problems.len());
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+    }
+}
+
+fn init_tracing(level: LogLevel, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},hyper=warn,rustls=warn", level.as_str())));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run(path: &Path, log_format: LogFormat) -> ExitCode {
+    let loaded = match load(path) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("airouter: {} is not a valid config:", path.display());
+            for p in &e.problems {
+                eprintln!("  {p}");
+            }
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    init_tracing(loaded.config.server.logging_level, log_format);
+    for w in &loaded.warnings {
+        warn!(field = %w.field, "{}", w.message);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("airouter: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(loaded.config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: RouterConfig) -> anyhow::Result<()> {
+    let (host, port) = (config.server.host.clone(), config.server.port);
+    let client = upstream::client(&config.server);
+    let app = Arc::new(App {
+        store: ConfigStore::new(config),
+        client,
+        limits: Arc::new(LocalLimits),
+        ready: AtomicBool::new(true),
+    });
+    let rt = app.store.current();
+    for cred in rt.unsupported_credentials() {
+        warn!(credential = %cred.name, r#type = %cred.kind, "credential type has no adapter yet; it is never selected");
+    }
+    let listener = server::bind(&host, port)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {host}:{port} (server.host/server.port): {e}"))?;
+    info!(
+        address = %listener.local_addr()?,
+        credentials = rt.credentials.len(),
+        models = rt.model_ids.len(),
+        "airouter listening"
+    );
+    drop(rt);
+    let shutdown = {
+        let app = app.clone();
+        async move {
+            shutdown_signal().await;
+            app.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    };
+    server::serve(listener, app, shutdown, SHUTDOWN_GRACE).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        normalise_args(a.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn upstream_spelling_runs() {
+        assert_eq!(args(&["airouter", "-config", "c.yaml"]), ["airouter", "run", "--config", "c.yaml"]);
+        assert_eq!(args(&["airouter"]), ["airouter", "run"]);
+        assert_eq!(args(&["airouter", "check-config", "x"]), ["airouter", "check-config", "x"]);
+        assert_eq!(args(&["airouter", "--help"]), ["airouter", "--help"]);
+    }
+}

@@ -1,0 +1,224 @@
+//! What the router needs from a request body, and the rewrites it makes before forwarding.
+//!
+//! Only `model`, `stream`, `stream_options.include_usage` and the presence of `input` /
+//! `messages` are read (borrowing, without building a JSON tree). The body is re-serialised
+//! only when something must change — the model name (alias or real name), model-family
+//! parameters, or the `include_usage` flag on a streaming request — so every other request is
+//! forwarded byte-identical.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{value::RawValue, Map, Value};
+
+/// The fields read from a client body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Probe<'a> {
+    pub model: Cow<'a, str>,
+    pub stream: bool,
+    /// The client asked for the final usage chunk itself.
+    pub include_usage: bool,
+    /// A Responses-API body (`input` without `messages`): no `stream_options` for it.
+    pub responses_input: bool,
+}
+
+#[derive(Deserialize)]
+struct RawProbe<'a> {
+    #[serde(borrow)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    stream: Option<&'a RawValue>,
+    #[serde(borrow)]
+    stream_options: Option<&'a RawValue>,
+    input: Option<serde::de::IgnoredAny>,
+    messages: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+impl<'a> Probe<'a> {
+    /// `None` when the body is not a JSON object with a string `model`.
+    pub fn read(body: &'a [u8]) -> Option<Probe<'a>> {
+        let raw: RawProbe<'a> = serde_json::from_slice(body).ok()?;
+        let include_usage = raw
+            .stream_options
+            .and_then(|o| serde_json::from_str::<StreamOptions>(o.get()).ok())
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        Some(Probe {
+            model: raw.model.filter(|m| !m.is_empty())?,
+            stream: raw.stream.is_some_and(|s| s.get() == "true"),
+            include_usage,
+            responses_input: raw.input.is_some() && raw.messages.is_none(),
+        })
+    }
+}
+
+/// The body to send upstream and whether the router asked for a usage chunk the client did
+/// not (so it must strip it from the stream).
+#[derive(Debug)]
+pub struct Rewritten {
+    pub body: Bytes,
+    pub injected_usage: bool,
+}
+
+/// Applies the forwarding rewrites (spec §11.3): model name, model-family parameters, and
+/// `stream_options.include_usage` for streaming requests.
+pub fn rewrite(body: Bytes, probe: &Probe<'_>, upstream_model: &str, family_model_id: &str) -> Rewritten {
+    let inject = probe.stream && !probe.include_usage && !probe.responses_input;
+    let rules = family_rules(family_model_id);
+    let rename = upstream_model != probe.model;
+    if !inject && !rename && rules.is_none() {
+        return Rewritten {
+            body,
+            injected_usage: false,
+        };
+    }
+    let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(&body) else {
+        return Rewritten {
+            body,
+            injected_usage: false,
+        };
+    };
+    let mut changed = false;
+    if rename {
+        obj.insert("model".into(), Value::String(upstream_model.to_owned()));
+        changed = true;
+    }
+    if let Some(rules) = rules {
+        changed |= apply_family_rules(&mut obj, rules);
+    }
+    if inject {
+        match obj.get_mut("stream_options") {
+            Some(Value::Object(opts)) => {
+                opts.insert("include_usage".into(), Value::Bool(true));
+            }
+            _ => {
+                let mut opts = Map::new();
+                opts.insert("include_usage".into(), Value::Bool(true));
+                obj.insert("stream_options".into(), Value::Object(opts));
+            }
+        }
+        changed = true;
+    }
+    if !changed {
+        return Rewritten {
+            body,
+            injected_usage: false,
+        };
+    }
+    Rewritten {
+        body: Bytes::from(serde_json::to_vec(&Value::Object(obj)).expect("JSON value serialises")),
+        injected_usage: inject,
+    }
+}
+
+/// Parameter rules for reasoning-model families (spec §10.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FamilyRules {
+    remove: &'static [&'static str],
+}
+
+const O1_REMOVE: &[&str] = &[
+    "temperature",
+    "top_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "logprobs",
+    "top_logprobs",
+];
+const O3_REMOVE: &[&str] = &["temperature", "top_p"];
+
+/// The rules for a model id: `o1*` and `o3*`/`gpt-5*` families, matched after stripping a
+/// `prefix/` or `prefix:` and a `-chat`/`_chat` suffix, case-insensitively; a family matches
+/// exactly or when followed by `-` or `.`.
+pub fn family_rules(model_id: &str) -> Option<FamilyRules> {
+    let base = model_id.rsplit(['/', ':']).next().unwrap_or(model_id);
+    let base = base.to_ascii_lowercase();
+    let base = base
+        .strip_suffix("-chat")
+        .or_else(|| base.strip_suffix("_chat"))
+        .unwrap_or(&base);
+    let is = |family: &str| {
+        base.strip_prefix(family)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('-') || rest.starts_with('.'))
+    };
+    if is("o1") {
+        Some(FamilyRules { remove: O1_REMOVE })
+    } else if is("o3") || is("gpt-5") {
+        Some(FamilyRules { remove: O3_REMOVE })
+    } else {
+        None
+    }
+}
+
+fn apply_family_rules(obj: &mut Map<String, Value>, rules: FamilyRules) -> bool {
+    let mut changed = false;
+    if !obj.contains_key("max_completion_tokens") {
+        if let Some(v) = obj.shift_remove("max_tokens") {
+            obj.insert("max_completion_tokens".into(), v);
+            changed = true;
+        }
+    }
+    for key in rules.remove {
+        changed |= obj.shift_remove(*key).is_some();
+    }
+    changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_without_a_tree() {
+        let p = Probe::read(br#"{"messages":[],"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
+        assert_eq!(p.model, "gpt-4o");
+        assert!(p.stream && p.include_usage && !p.responses_input);
+        assert!(Probe::read(br#"{"model":5}"#).is_none());
+        assert!(Probe::read(br#"{"model":""}"#).is_none());
+        assert!(Probe::read(b"not json").is_none());
+        assert!(!Probe::read(br#"{"model":"m","stream":"true"}"#).unwrap().stream);
+        assert!(Probe::read(br#"{"model":"m","input":"hi"}"#).unwrap().responses_input);
+    }
+
+    #[test]
+    fn untouched_bodies_stay_byte_identical() {
+        let body = Bytes::from_static(br#"{ "model" : "m",  "x": 1 }"#);
+        let p = Probe::read(&body).unwrap();
+        let out = rewrite(body.clone(), &p, "m", "m");
+        assert_eq!(out.body, body);
+        assert!(!out.injected_usage);
+    }
+
+    #[test]
+    fn renames_and_injects_usage() {
+        let body = Bytes::from_static(br#"{"model":"fast","stream":true,"messages":[]}"#);
+        let p = Probe::read(&body).unwrap();
+        let out = rewrite(body.clone(), &p, "gpt-4o-mini-2024", "small");
+        let v: Value = serde_json::from_slice(&out.body).unwrap();
+        assert_eq!(v["model"], "gpt-4o-mini-2024");
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert!(out.injected_usage);
+        let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys, ["model", "stream", "messages", "stream_options"], "order is kept");
+    }
+
+    #[test]
+    fn family_rules_match_like_upstream() {
+        assert!(family_rules("o1").is_some());
+        assert!(family_rules("openai/o1-mini").is_some());
+        assert!(family_rules("azure:O3-chat").is_some());
+        assert!(family_rules("gpt-5.1").is_some());
+        assert!(family_rules("o10").is_none());
+        assert!(family_rules("gpt-4o").is_none());
+        let body = Bytes::from_static(br#"{"model":"o1","max_tokens":5,"temperature":1,"logprobs":true}"#);
+        let p = Probe::read(&body).unwrap();
+        let v: Value = serde_json::from_slice(&rewrite(body.clone(), &p, "o1", "o1").body).unwrap();
+        assert_eq!(v, serde_json::json!({"model":"o1","max_completion_tokens":5}));
+    }
+}

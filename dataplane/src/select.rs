@@ -1,0 +1,164 @@
+//! Credential selection: round-robin per model over primaries, then over fallbacks, skipping
+//! pairs that are banned or rate-limited. No sockets or clocks: the caller passes the limiter
+//! backend and `now`. Admission through [`Limits::admit`] reserves the RPM slot atomically, so
+//! a credential never admits more than its limit however many requests race.
+
+use std::time::Instant;
+
+use crate::{
+    limit::{Admission, Limits, SlotRef},
+    runtime::{Cursor, Route, Runtime, Slot, Tier},
+};
+
+/// A credential that admitted the request.
+#[derive(Debug)]
+pub struct Pick<'r> {
+    pub slot: &'r Slot,
+    pub tier: Tier,
+}
+
+/// Why nothing could be picked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Exhausted {
+    /// Candidates skipped for a full window.
+    pub rate_limited: usize,
+    /// Candidates skipped for a ban.
+    pub banned: usize,
+    /// The earliest moment one of them frees up, if any will.
+    pub frees_at: Option<Instant>,
+}
+
+/// Picks the next credential for `model_id` that is not in `tried`, admitting it.
+pub fn select<'r>(
+    rt: &'r Runtime,
+    route: &'r Route,
+    model_id: &str,
+    cursor: &Cursor,
+    tried: &[usize],
+    limits: &dyn Limits,
+    now: Instant,
+) -> Result<Pick<'r>, Exhausted> {
+    let mut exhausted = Exhausted::default();
+    for tier in [Tier::Primary, Tier::Fallback] {
+        let slots = &route.tiers[tier as usize];
+        let n = slots.len();
+        if n == 0 {
+            continue;
+        }
+        let start = cursor.start(tier) % n;
+        for offset in 0..n {
+            let position = (start + offset) % n;
+            let slot = &slots[position];
+            if tried.contains(&slot.cred) {
+                continue;
+            }
+            let cred = &rt.credentials[slot.cred];
+            let admission = limits.admit(
+                SlotRef {
+                    credential: &cred.name,
+                    state: &cred.state,
+                    model: model_id,
+                    limits: rt.slot_limits(slot),
+                },
+                now,
+            );
+            let frees_at = match admission {
+                Admission::Admitted => {
+                    cursor.advance_past(tier, position);
+                    return Ok(Pick { slot, tier });
+                }
+                Admission::Banned { until } => {
+                    exhausted.banned += 1;
+                    until
+                }
+                Admission::Limited { frees_at } => {
+                    exhausted.rate_limited += 1;
+                    frees_at
+                }
+            };
+            exhausted.frees_at = match (exhausted.frees_at, frees_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+    }
+    Err(exhausted)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{
+        config::RouterConfig,
+        limit::{
+            fail2ban::{Outcome, Policy},
+            LocalLimits,
+        },
+        runtime::{Lookup, Registry},
+    };
+
+    fn runtime(yaml: &str) -> Runtime {
+        let config = RouterConfig::from_yaml(yaml, &|_| None).unwrap().config;
+        Runtime::compile(config, Arc::new(Registry::default()))
+    }
+
+    fn names(rt: &Runtime, model: &str, n: usize) -> Vec<String> {
+        let Lookup::Route(route) = rt.lookup(model) else { panic!("no route") };
+        let cursor = rt.cursor(model);
+        let now = Instant::now();
+        (0..n)
+            .map(|_| match select(rt, route, model, &cursor, &[], &LocalLimits, now) {
+                Ok(p) => rt.credentials[p.slot.cred].name.to_string(),
+                Err(_) => "-".to_string(),
+            })
+            .collect()
+    }
+
+    const THREE: &str = "server: {master_key: k}\ncredentials:\n\
+        - {name: c1, type: openai, api_key: x, base_url: 'http://h'}\n\
+        - {name: c2, type: openai, api_key: x, base_url: 'http://h', rpm: 1}\n\
+        - {name: c3, type: openai, api_key: x, base_url: 'http://h'}\n\
+        - {name: f1, type: proxy, base_url: 'http://h', is_fallback: true, rpm: 1}\n\
+        - {name: f2, type: proxy, base_url: 'http://h', is_fallback: true, rpm: 1}\n";
+
+    #[test]
+    fn round_robin_skips_limited_without_moving_past_them() {
+        let rt = runtime(THREE);
+        assert_eq!(names(&rt, "m", 6), ["c1", "c2", "c3", "c1", "c3", "c1"]);
+    }
+
+    #[test]
+    fn cursors_are_per_model() {
+        let rt = runtime(THREE);
+        assert_eq!(names(&rt, "a", 1), ["c1"]);
+        assert_eq!(names(&rt, "b", 1), ["c1"]);
+        assert_eq!(names(&rt, "a", 1), ["c2"]);
+    }
+
+    #[test]
+    fn fallbacks_only_after_primaries_then_exhaustion() {
+        let yaml = THREE.replace("base_url: 'http://h'}", "base_url: 'http://h', rpm: 1}");
+        let rt = runtime(&yaml);
+        assert_eq!(names(&rt, "m", 6), ["c1", "c2", "c3", "f1", "f2", "-"]);
+        let Lookup::Route(route) = rt.lookup("m") else { panic!() };
+        let err = select(&rt, route, "m", &rt.cursor("m"), &[], &LocalLimits, Instant::now()).unwrap_err();
+        assert_eq!(err.rate_limited, 5);
+        assert!(err.frees_at.is_some());
+    }
+
+    #[test]
+    fn banned_pairs_are_skipped_and_tried_are_excluded() {
+        let rt = runtime(THREE);
+        let policy = Policy::compile(None);
+        let now = Instant::now();
+        let c1 = &rt.credentials[0];
+        c1.state.record_outcome("m", Outcome { status: 429, retry_after: None, counts: true }, &policy, now);
+        assert_eq!(names(&rt, "m", 2), ["c2", "c3"]);
+        assert_eq!(names(&rt, "other", 1), ["c1"], "the ban is per model");
+        let Lookup::Route(route) = rt.lookup("m") else { panic!() };
+        let pick = select(&rt, route, "m", &rt.cursor("m"), &[1, 2], &LocalLimits, now).unwrap();
+        assert_eq!(pick.tier, Tier::Fallback);
+    }
+}

@@ -1,0 +1,1069 @@
+//! Shared harness for the airouter integration tests.
+//!
+//! * [`Router`] spawns the real `airouter` binary on a free 127.0.0.1 port with a
+//!   YAML config written to a temp dir, and waits (bounded) for readiness.
+//! * [`MockUpstream`] is an in-process, scriptable OpenAI-compatible provider
+//!   (hyper 1) that records every request it receives.
+//! * [`dead_url`] gives a base URL where nothing listens (connection refused).
+//!
+//! Every wait in here is bounded in time and in iterations.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::header::HeaderMap;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Notify};
+
+/// Master key used by the tests (distinctive so that log scans are meaningful).
+pub const MASTER_KEY: &str = "sk-test-master-7f3a9c41";
+
+/// How long `Router::start` waits for `/health/readiness`.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Poll period of the readiness loop.
+const READY_POLL: Duration = Duration::from_millis(20);
+
+/// Proxy variables removed from the child's environment (only 127.0.0.1 is used).
+const PROXY_VARS: &[&str] = &[
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+];
+
+// ---------------------------------------------------------------------------
+// Ports / addresses
+// ---------------------------------------------------------------------------
+
+/// A currently free TCP port on 127.0.0.1 (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local_addr").port()
+}
+
+/// Base URL of a "dead" upstream: a port on 127.0.0.1 with nothing listening.
+pub fn dead_url() -> String {
+    format!("http://127.0.0.1:{}", free_port())
+}
+
+// ---------------------------------------------------------------------------
+// YAML helpers
+// ---------------------------------------------------------------------------
+
+/// `server:` section with host, the `{port}` placeholder, the test master key
+/// and `max_provider_retries: <retries>`; `extra` lines (e.g.
+/// `"request_timeout: 1s"`) are appended inside the section.
+pub fn server_yaml(retries: u32, extra: &[&str]) -> String {
+    let mut s = format!(
+        "server:\n  host: 127.0.0.1\n  port: {{port}}\n  master_key: {MASTER_KEY}\n  \
+         max_provider_retries: {retries}\n"
+    );
+    for line in extra {
+        s.push_str("  ");
+        s.push_str(line);
+        s.push('\n');
+    }
+    s
+}
+
+/// One credential list item in block style (to be placed under `credentials:`).
+pub fn cred(name: &str, kind: &str, api_key: &str, base_url: &str, extra: &[&str]) -> String {
+    let mut s = format!("  - name: {name}\n    type: {kind}\n");
+    if !api_key.is_empty() {
+        s.push_str(&format!("    api_key: {api_key}\n"));
+    }
+    if !base_url.is_empty() {
+        s.push_str(&format!("    base_url: \"{base_url}\"\n"));
+    }
+    for line in extra {
+        s.push_str("    ");
+        s.push_str(line);
+        s.push('\n');
+    }
+    s
+}
+
+/// `credentials:` section made of the given items.
+pub fn creds_yaml(items: &[String]) -> String {
+    let mut s = String::from("credentials:\n");
+    for item in items {
+        s.push_str(item);
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------
+// Router process
+// ---------------------------------------------------------------------------
+
+/// Options for [`Router::start_with`].
+#[derive(Clone, Debug, Default)]
+pub struct StartOpts {
+    /// Extra environment for the child only (`{port}` in values is replaced).
+    pub env: Vec<(String, String)>,
+    /// Use the upstream spelling `airouter -config FILE` instead of `run --config FILE`.
+    pub upstream_flag_spelling: bool,
+}
+
+impl StartOpts {
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+}
+
+/// A running `airouter` child process (killed on drop).
+pub struct Router {
+    child: Option<Child>,
+    pub port: u16,
+    pub config_path: PathBuf,
+    log_path: PathBuf,
+    client: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+/// A reqwest client that never uses a proxy and has a generous overall timeout.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("reqwest client")
+}
+
+enum StartError {
+    /// The port was taken between `free_port` and the child's bind: retry.
+    PortRace(String),
+    Fatal(String),
+}
+
+impl Router {
+    /// Start the router with `yaml` (`{port}` is replaced by a free port).
+    pub async fn start(yaml: &str) -> Router {
+        Self::start_with(yaml, StartOpts::default()).await
+    }
+
+    pub async fn start_with(yaml: &str, opts: StartOpts) -> Router {
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start(yaml, &opts).await {
+                Ok(router) => return router,
+                Err(StartError::PortRace(msg)) => last = msg,
+                Err(StartError::Fatal(msg)) => panic!("{msg}"),
+            }
+        }
+        panic!("router failed to start (port races):\n{last}");
+    }
+
+    async fn try_start(yaml: &str, opts: &StartOpts) -> Result<Router, StartError> {
+        let port = free_port();
+        let port_s = port.to_string();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("config.yaml");
+        std::fs::write(&config_path, yaml.replace("{port}", &port_s)).expect("write config");
+        let log_path = dir.path().join("router.log");
+        let log = File::create(&log_path).expect("create log");
+        let log_err = log.try_clone().expect("clone log");
+
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_airouter"));
+        if opts.upstream_flag_spelling {
+            cmd.arg("-config").arg(&config_path);
+        } else {
+            cmd.arg("run").arg("--config").arg(&config_path);
+        }
+        for var in PROXY_VARS {
+            cmd.env_remove(var);
+        }
+        for (k, v) in &opts.env {
+            cmd.env(k, v.replace("{port}", &port_s));
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_err));
+        let child = cmd.spawn().expect("spawn airouter binary");
+
+        let mut router = Router {
+            child: Some(child),
+            port,
+            config_path,
+            log_path,
+            client: http_client(),
+            _dir: dir,
+        };
+
+        let ready_url = router.url("/health/readiness");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let max_polls = (READY_TIMEOUT.as_millis() / READY_POLL.as_millis()) as usize + 1;
+        for _ in 0..max_polls {
+            if let Some(child) = router.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let logs = router.logs();
+                    let msg =
+                        format!("airouter exited early ({status}) on port {port}; logs:\n{logs}");
+                    let lower = logs.to_lowercase();
+                    if lower.contains("address already in use") || lower.contains("addrinuse") {
+                        return Err(StartError::PortRace(msg));
+                    }
+                    return Err(StartError::Fatal(msg));
+                }
+            }
+            let probe = router
+                .client
+                .get(&ready_url)
+                .timeout(Duration::from_millis(500))
+                .send()
+                .await;
+            if let Ok(resp) = probe {
+                if resp.status().as_u16() == 200 {
+                    return Ok(router);
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(READY_POLL).await;
+        }
+        let logs = router.logs();
+        Err(StartError::Fatal(format!(
+            "airouter not ready on port {port} within {READY_TIMEOUT:?}; logs:\n{logs}"
+        )))
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// Everything the child wrote to stdout and stderr so far.
+    pub fn logs(&self) -> String {
+        std::fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// POST JSON with `Authorization: Bearer <MASTER_KEY>`.
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(MASTER_KEY)
+            .json(body)
+            .send()
+            .await
+            .expect("request to router")
+    }
+
+    /// POST a raw body with `Authorization: Bearer <MASTER_KEY>`.
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(MASTER_KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request to router")
+    }
+
+    /// Non-streaming chat completion for `model`.
+    pub async fn chat(&self, model: &str) -> reqwest::Response {
+        self.post("/v1/chat/completions", &chat_body(model)).await
+    }
+
+    /// Chat completion for `model` returning only the status code (body drained).
+    pub async fn chat_status(&self, model: &str) -> u16 {
+        let resp = self.chat(model).await;
+        let status = resp.status().as_u16();
+        let _ = resp.bytes().await;
+        status
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("GET to router")
+    }
+
+    /// GET /health → (status, JSON).
+    pub async fn health(&self) -> (u16, Value) {
+        let resp = self.get("/health").await;
+        let status = resp.status().as_u16();
+        let body = resp.json::<Value>().await.expect("/health JSON");
+        (status, body)
+    }
+
+    /// Poll `/health` every 50 ms until `pred` holds or `timeout` elapses.
+    pub async fn wait_health(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let max = (timeout.as_millis() / 50) as usize + 2;
+        for _ in 0..max {
+            let (_, body) = self.health().await;
+            if pred(&body) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// Ask the child to stop (SIGTERM, bounded wait), then SIGKILL.
+    pub fn shutdown(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            for _ in 0..150 {
+                if matches!(child.try_wait(), Ok(Some(_))) || Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A minimal chat completion request body.
+pub fn chat_body(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hello"}]})
+}
+
+/// A streaming chat completion request body.
+pub fn chat_stream_body(model: &str) -> Value {
+    json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "hello"}]})
+}
+
+/// Parse the router's local error body `{"error":{...}}`.
+pub fn error_of(body: &Value) -> (&str, &str, Option<&str>) {
+    let err = &body["error"];
+    (
+        err["message"].as_str().unwrap_or(""),
+        err["type"].as_str().unwrap_or(""),
+        err["code"].as_str(),
+    )
+}
+
+/// Integer `Retry-After` header value, if present.
+pub fn retry_after(resp: &reqwest::Response) -> Option<u64> {
+    resp.headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+// ---------------------------------------------------------------------------
+// CLI helper
+// ---------------------------------------------------------------------------
+
+/// Output of a bounded CLI run.
+#[derive(Debug)]
+pub struct CliOutput {
+    /// Exit code; `None` if killed by a signal or by the timeout.
+    pub code: Option<i32>,
+    pub timed_out: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    pub fn combined(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// Run the binary with `args` (and extra env), bounded by `timeout` (killed after).
+pub fn run_cli(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> CliOutput {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_path = dir.path().join("stdout");
+    let err_path = dir.path().join("stderr");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_airouter"));
+    cmd.args(args);
+    for var in PROXY_VARS {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::from(File::create(&out_path).expect("stdout file")))
+        .stderr(Stdio::from(File::create(&err_path).expect("stderr file")));
+    let mut child = cmd.spawn().expect("spawn airouter");
+    let deadline = Instant::now() + timeout;
+    let max = (timeout.as_millis() / 20) as usize + 2;
+    let mut status = None;
+    for _ in 0..max {
+        if let Ok(Some(s)) = child.try_wait() {
+            status = Some(s);
+            break;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let timed_out = status.is_none();
+    if timed_out {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let read = |p: &PathBuf| {
+        std::fs::read(p)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
+    CliOutput {
+        code: status.and_then(|s| s.code()),
+        timed_out,
+        stdout: read(&out_path),
+        stderr: read(&err_path),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// SSE client side
+// ---------------------------------------------------------------------------
+
+/// One SSE event as received by the test client.
+#[derive(Clone, Debug)]
+pub struct SseEvent {
+    /// Arrival time relative to the `start` instant given to [`read_sse`].
+    pub at: Duration,
+    /// Concatenated `data:` lines.
+    pub data: String,
+}
+
+#[derive(Debug, Default)]
+pub struct SseRead {
+    pub events: Vec<SseEvent>,
+    /// Transport error that ended the stream, if any.
+    pub error: Option<String>,
+    /// Whether the read stopped because of the `timeout`.
+    pub timed_out: bool,
+    pub raw: String,
+}
+
+impl SseRead {
+    pub fn has_done(&self) -> bool {
+        self.events.iter().any(|e| e.data.trim() == "[DONE]")
+    }
+
+    /// All JSON events (everything but `[DONE]`), with arrival times.
+    pub fn json_events(&self) -> Vec<(Duration, Value)> {
+        self.events
+            .iter()
+            .filter(|e| e.data.trim() != "[DONE]")
+            .filter_map(|e| {
+                serde_json::from_str::<Value>(&e.data)
+                    .ok()
+                    .map(|v| (e.at, v))
+            })
+            .collect()
+    }
+
+    /// JSON events whose `choices` array is non-empty.
+    pub fn choice_chunks(&self) -> Vec<(Duration, Value)> {
+        self.json_events()
+            .into_iter()
+            .filter(|(_, v)| v["choices"].as_array().is_some_and(|c| !c.is_empty()))
+            .collect()
+    }
+
+    /// Usage chunks: `"choices": []` and a `usage` object.
+    pub fn usage_chunks(&self) -> Vec<Value> {
+        self.json_events()
+            .into_iter()
+            .map(|(_, v)| v)
+            .filter(|v| {
+                v["choices"].as_array().is_some_and(|c| c.is_empty()) && v["usage"].is_object()
+            })
+            .collect()
+    }
+
+    /// Any event carrying a non-null `usage` object.
+    pub fn events_with_usage(&self) -> Vec<Value> {
+        self.json_events()
+            .into_iter()
+            .map(|(_, v)| v)
+            .filter(|v| v["usage"].is_object())
+            .collect()
+    }
+
+    /// Concatenated `delta.content` of all chunks.
+    pub fn content(&self) -> String {
+        self.choice_chunks()
+            .iter()
+            .filter_map(|(_, v)| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect()
+    }
+}
+
+/// Read an SSE response until it ends, errors, `limit` events arrived, or
+/// `timeout` elapses. The response (and its connection) is dropped on return.
+pub async fn read_sse(
+    resp: reqwest::Response,
+    start: Instant,
+    limit: Option<usize>,
+    timeout: Duration,
+) -> SseRead {
+    let mut out = SseRead::default();
+    let mut buf = String::new();
+    let mut stream = resp.bytes_stream();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let next = match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(n) => n,
+            Err(_) => {
+                out.timed_out = true;
+                break;
+            }
+        };
+        match next {
+            None => break,
+            Some(Err(e)) => {
+                out.error = Some(e.to_string());
+                break;
+            }
+            Some(Ok(bytes)) => {
+                let at = start.elapsed();
+                let text = String::from_utf8_lossy(&bytes).replace("\r\n", "\n");
+                out.raw.push_str(&text);
+                buf.push_str(&text);
+                while let Some(pos) = buf.find("\n\n") {
+                    let block: String = buf[..pos].to_string();
+                    buf.drain(..pos + 2);
+                    let data: Vec<&str> = block
+                        .lines()
+                        .filter_map(|l| l.strip_prefix("data:"))
+                        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                        .collect();
+                    if !data.is_empty() {
+                        out.events.push(SseEvent {
+                            at,
+                            data: data.join("\n"),
+                        });
+                    }
+                }
+                if limit.is_some_and(|l| out.events.len() >= l) {
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Mock OpenAI upstream
+// ---------------------------------------------------------------------------
+
+/// A scripted reply of the mock upstream.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    /// A complete response (the body is sent as is; JSON by default).
+    Json {
+        status: u16,
+        body: String,
+        headers: Vec<(String, String)>,
+    },
+    /// `text/event-stream`, each event written as `data: <event>\n\n`, with
+    /// `interval` between events (the first is written at once).
+    Stream {
+        status: u16,
+        events: Vec<String>,
+        interval: Duration,
+    },
+    /// Like `Stream` with status 200, but after the events the connection is
+    /// cut (body error: no terminating chunk, no `[DONE]` unless in `events`).
+    StreamCut {
+        events: Vec<String>,
+        interval: Duration,
+    },
+    /// Wait, then send the inner reply.
+    Delay(Duration, Box<Reply>),
+    /// Close the connection without answering.
+    Hangup,
+}
+
+impl Reply {
+    /// 200 with the default chat.completion body (usage 5 + 7 = 12).
+    pub fn ok() -> Reply {
+        Reply::json(200, default_completion())
+    }
+
+    pub fn json(status: u16, body: Value) -> Reply {
+        Reply::Json {
+            status,
+            body: body.to_string(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// An OpenAI-style error body with `message`.
+    pub fn error(status: u16, message: &str) -> Reply {
+        Reply::json(
+            status,
+            json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": null}}),
+        )
+    }
+
+    /// 200 chat.completion whose usage.total_tokens is `total`.
+    pub fn ok_with_usage(total: u64) -> Reply {
+        let mut body = default_completion();
+        let prompt = total.min(5);
+        body["usage"] = json!({"prompt_tokens": prompt, "completion_tokens": total - prompt, "total_tokens": total});
+        Reply::json(200, body)
+    }
+
+    /// Add a response header (only meaningful for `Json`).
+    pub fn with_header(mut self, name: &str, value: &str) -> Reply {
+        if let Reply::Json { headers, .. } = &mut self {
+            headers.push((name.to_string(), value.to_string()));
+        }
+        self
+    }
+
+    pub fn stream(events: Vec<String>, interval: Duration) -> Reply {
+        Reply::Stream {
+            status: 200,
+            events,
+            interval,
+        }
+    }
+
+    pub fn delay(d: Duration, inner: Reply) -> Reply {
+        Reply::Delay(d, Box::new(inner))
+    }
+}
+
+/// The default non-streaming chat.completion body.
+pub fn default_completion() -> Value {
+    json!({
+        "id": "chatcmpl-mock",
+        "object": "chat.completion",
+        "created": 1_700_000_000u64,
+        "model": "gpt-4o",
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello from the mock upstream"},
+            "finish_reason": "stop"
+        }],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+    })
+}
+
+/// Standard chat.completion.chunk events: `n_chunks` content chunks (content
+/// `"c0 "`, `"c1 "`, …), then a usage chunk (`"choices": []`) when
+/// `include_usage`, then `[DONE]`.
+pub fn openai_stream(n_chunks: usize, include_usage: bool, total_tokens: u64) -> Vec<String> {
+    let mut events = Vec::new();
+    for i in 0..n_chunks {
+        let mut delta = json!({"content": format!("c{i} ")});
+        if i == 0 {
+            delta["role"] = json!("assistant");
+        }
+        let finish = if i + 1 == n_chunks {
+            json!("stop")
+        } else {
+            Value::Null
+        };
+        events.push(
+            json!({
+                "id": "chatcmpl-mock",
+                "object": "chat.completion.chunk",
+                "created": 1_700_000_000u64,
+                "model": "gpt-4o",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]
+            })
+            .to_string(),
+        );
+    }
+    if include_usage {
+        let prompt = total_tokens.min(5);
+        events.push(
+            json!({
+                "id": "chatcmpl-mock",
+                "object": "chat.completion.chunk",
+                "created": 1_700_000_000u64,
+                "model": "gpt-4o",
+                "choices": [],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": total_tokens - prompt, "total_tokens": total_tokens}
+            })
+            .to_string(),
+        );
+    }
+    events.push("[DONE]".to_string());
+    events
+}
+
+/// A request as seen by the mock upstream.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    }
+
+    /// The token of `Authorization: Bearer <token>` (or the raw header).
+    pub fn bearer(&self) -> Option<String> {
+        self.header("authorization")
+            .map(|v| v.strip_prefix("Bearer ").map(str::to_string).unwrap_or(v))
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    pub fn model(&self) -> String {
+        self.json()["model"].as_str().unwrap_or("").to_string()
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    queue: VecDeque<Reply>,
+    default: Option<Reply>,
+    requests: Vec<Recorded>,
+    streams_started: usize,
+    streams_completed: usize,
+    /// Streams whose reader went away before all events were written.
+    streams_aborted: usize,
+    events_sent: usize,
+}
+
+struct MockState {
+    inner: Mutex<Inner>,
+    notify: Notify,
+}
+
+/// Scriptable OpenAI-compatible upstream on 127.0.0.1:<ephemeral>.
+pub struct MockUpstream {
+    addr: SocketAddr,
+    state: Arc<MockState>,
+    accept_task: tokio::task::JoinHandle<()>,
+}
+
+impl MockUpstream {
+    pub async fn start() -> MockUpstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("mock bind");
+        let addr = listener.local_addr().expect("mock addr");
+        let state = Arc::new(MockState {
+            inner: Mutex::new(Inner::default()),
+            notify: Notify::new(),
+        });
+        let st = state.clone();
+        let accept_task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| handle(st.clone(), req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        MockUpstream {
+            addr,
+            state,
+            accept_task,
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Queue a scripted reply (FIFO, one per request).
+    pub fn push(&self, reply: Reply) {
+        self.state.inner.lock().queue.push_back(reply);
+    }
+
+    /// Reply used when the queue is empty (instead of honouring the request).
+    pub fn set_default(&self, reply: Reply) {
+        self.state.inner.lock().default = Some(reply);
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.inner.lock().requests.clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.state.inner.lock().requests.len()
+    }
+
+    /// Bearer tokens of the requests received so far, in arrival order.
+    pub fn bearers(&self) -> Vec<String> {
+        self.requests()
+            .iter()
+            .map(|r| r.bearer().unwrap_or_else(|| "<none>".into()))
+            .collect()
+    }
+
+    /// Number of requests that carried `Authorization: Bearer <token>`.
+    pub fn count_bearer(&self, token: &str) -> usize {
+        self.bearers().iter().filter(|b| *b == token).count()
+    }
+
+    pub fn streams_started(&self) -> usize {
+        self.state.inner.lock().streams_started
+    }
+
+    pub fn streams_completed(&self) -> usize {
+        self.state.inner.lock().streams_completed
+    }
+
+    pub fn streams_aborted(&self) -> usize {
+        self.state.inner.lock().streams_aborted
+    }
+
+    pub fn events_sent(&self) -> usize {
+        self.state.inner.lock().events_sent
+    }
+
+    /// Wait (bounded) until at least `n` requests were received.
+    pub async fn wait_requests(&self, n: usize, timeout: Duration) -> bool {
+        self.wait_until(timeout, |i| i.requests.len() >= n).await
+    }
+
+    /// Wait (bounded) until a stream's reader went away.
+    pub async fn wait_stream_aborted(&self, timeout: Duration) -> bool {
+        self.wait_until(timeout, |i| i.streams_aborted >= 1).await
+    }
+
+    async fn wait_until(&self, timeout: Duration, pred: impl Fn(&Inner) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let max = (timeout.as_millis() / 10) as usize + 2;
+        for _ in 0..max {
+            let notified = self.state.notify.notified();
+            if pred(&self.state.inner.lock()) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            // Wake on change, or re-check every 10 ms at most.
+            let _ = tokio::time::timeout(Duration::from_millis(10), notified).await;
+        }
+        pred(&self.state.inner.lock())
+    }
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+    }
+}
+
+type MockBody = BoxBody<Bytes, io::Error>;
+
+fn full(status: u16, content_type: &str, body: impl Into<Bytes>) -> Response<MockBody> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(
+            Full::new(body.into())
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .expect("response")
+}
+
+/// Response body fed by a channel (so that events are written as they are produced).
+struct ChannelBody(mpsc::Receiver<Result<Frame<Bytes>, io::Error>>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// What the mock does without a scripted reply: stream 3 chunks when the
+/// request asks for `stream: true` (with a usage chunk only when
+/// `stream_options.include_usage` is true), otherwise the default JSON.
+fn honour(rec: &Recorded) -> Reply {
+    let req = rec.json();
+    if req["stream"].as_bool() == Some(true) {
+        let include_usage = req["stream_options"]["include_usage"].as_bool() == Some(true);
+        Reply::stream(
+            openai_stream(3, include_usage, 12),
+            Duration::from_millis(10),
+        )
+    } else {
+        Reply::ok()
+    }
+}
+
+async fn handle(
+    state: Arc<MockState>,
+    req: Request<Incoming>,
+) -> Result<Response<MockBody>, io::Error> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let rec = Recorded {
+        method: parts.method.to_string(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| parts.uri.path().to_string()),
+        headers: parts.headers,
+        body,
+    };
+    let scripted = {
+        let mut inner = state.inner.lock();
+        inner.requests.push(rec.clone());
+        inner.queue.pop_front().or_else(|| inner.default.clone())
+    };
+    state.notify.notify_waiters();
+    let mut reply = scripted.unwrap_or_else(|| honour(&rec));
+    for _ in 0..16 {
+        match reply {
+            Reply::Delay(d, inner) => {
+                tokio::time::sleep(d).await;
+                reply = *inner;
+            }
+            _ => break,
+        }
+    }
+    match reply {
+        Reply::Json {
+            status,
+            body,
+            headers,
+        } => {
+            let mut resp = full(status, "application/json", body);
+            for (k, v) in headers {
+                resp.headers_mut().insert(
+                    hyper::header::HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+                    hyper::header::HeaderValue::from_str(&v).expect("header value"),
+                );
+            }
+            Ok(resp)
+        }
+        Reply::Stream {
+            status,
+            events,
+            interval,
+        } => Ok(stream_response(state, status, events, interval, false)),
+        Reply::StreamCut { events, interval } => {
+            Ok(stream_response(state, 200, events, interval, true))
+        }
+        Reply::Hangup => Err(io::Error::other("mock: hang up")),
+        Reply::Delay(..) => Err(io::Error::other("mock: too many nested delays")),
+    }
+}
+
+fn stream_response(
+    state: Arc<MockState>,
+    status: u16,
+    events: Vec<String>,
+    interval: Duration,
+    cut: bool,
+) -> Response<MockBody> {
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, io::Error>>(1);
+    state.inner.lock().streams_started += 1;
+    tokio::spawn(async move {
+        let aborted = |state: &MockState| {
+            state.inner.lock().streams_aborted += 1;
+            state.notify.notify_waiters();
+        };
+        for (i, ev) in events.into_iter().enumerate() {
+            if i > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = tx.closed() => { aborted(&state); return; }
+                }
+            }
+            let frame = Frame::data(Bytes::from(format!("data: {ev}\n\n")));
+            if tx.send(Ok(frame)).await.is_err() {
+                aborted(&state);
+                return;
+            }
+            state.inner.lock().events_sent += 1;
+            state.notify.notify_waiters();
+        }
+        if cut {
+            // Give hyper a moment to flush the last event, then fail the body:
+            // hyper closes the connection without the terminating chunk.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = tx.send(Err(io::Error::other("mock: stream cut"))).await;
+        }
+        state.inner.lock().streams_completed += 1;
+        state.notify.notify_waiters();
+    });
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(ChannelBody(rx).boxed())
+        .expect("stream response")
+}

@@ -1,0 +1,213 @@
+//! SSE pass-through: incremental delivery, usage-chunk handling, disconnects,
+//! and no retry once a stream started.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+fn one_cred(url: &str) -> String {
+    server_yaml(0, &[]) + &creds_yaml(&[cred("c1", "openai", "sk-c1", url, &[])])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_arrive_incrementally() {
+    let mock = MockUpstream::start().await;
+    let router = Router::start(&one_cred(&mock.url())).await;
+
+    let interval = Duration::from_millis(100);
+    mock.push(Reply::stream(openai_stream(5, false, 0), interval));
+    let start = Instant::now();
+    let resp = router
+        .post("/v1/chat/completions", &chat_stream_body("gpt-4o"))
+        .await;
+    assert_eq!(resp.status().as_u16(), 200);
+    let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("text/event-stream"), "content-type {ct}");
+    let sse = read_sse(resp, start, None, Duration::from_secs(5)).await;
+
+    let chunks = sse.choice_chunks();
+    assert_eq!(chunks.len(), 5, "raw: {}", sse.raw);
+    assert!(sse.has_done());
+    assert_eq!(sse.content(), "c0 c1 c2 c3 c4 ");
+    let times: Vec<Duration> = chunks.iter().map(|(t, _)| *t).collect();
+    let spread = times[4] - times[0];
+    assert!(
+        spread >= Duration::from_millis(300),
+        "chunks were not delivered incrementally: arrival times {times:?}"
+    );
+    let spaced = times
+        .windows(2)
+        .filter(|w| w[1] - w[0] >= Duration::from_millis(50))
+        .count();
+    assert!(spaced >= 3, "inter-arrival gaps too small: {times:?}");
+    assert!(
+        times[0] < Duration::from_millis(400),
+        "first chunk late: {times:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_usage_chunk_is_stripped() {
+    let mock = MockUpstream::start().await;
+    let router = Router::start(&one_cred(&mock.url())).await;
+
+    let bodies = [
+        chat_stream_body("gpt-4o"),
+        json!({"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": false},
+               "messages": [{"role": "user", "content": "hello"}]}),
+    ];
+    for body in bodies {
+        let start = Instant::now();
+        let resp = router.post("/v1/chat/completions", &body).await;
+        assert_eq!(resp.status().as_u16(), 200);
+        let sse = read_sse(resp, start, None, Duration::from_secs(5)).await;
+        assert_eq!(sse.choice_chunks().len(), 3, "raw: {}", sse.raw);
+        assert!(sse.has_done(), "raw: {}", sse.raw);
+        assert!(
+            sse.usage_chunks().is_empty(),
+            "usage chunk not stripped: {}",
+            sse.raw
+        );
+        assert!(
+            sse.events_with_usage().is_empty(),
+            "usage leaked: {}",
+            sse.raw
+        );
+    }
+    // The router asked the upstream for usage both times.
+    let reqs = mock.requests();
+    assert_eq!(reqs.len(), 2);
+    for r in &reqs {
+        let up = r.json();
+        assert_eq!(up["stream"], json!(true));
+        assert_eq!(
+            up["stream_options"]["include_usage"],
+            json!(true),
+            "forwarded body {up}"
+        );
+        assert_eq!(
+            up["messages"],
+            json!([{"role": "user", "content": "hello"}])
+        );
+    }
+    // …and charged it.
+    let charged = router
+        .wait_health(Duration::from_secs(2), |h| {
+            h["credentials"]["c1"]["current_tpm"] == json!(24)
+        })
+        .await;
+    assert!(
+        charged,
+        "streamed usage not charged: {}",
+        router.health().await.1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_chunk_kept_when_client_asked() {
+    let mock = MockUpstream::start().await;
+    let router = Router::start(&one_cred(&mock.url())).await;
+
+    let body = json!({"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true},
+                      "messages": [{"role": "user", "content": "hello"}]});
+    let start = Instant::now();
+    let resp = router.post("/v1/chat/completions", &body).await;
+    assert_eq!(resp.status().as_u16(), 200);
+    let sse = read_sse(resp, start, None, Duration::from_secs(5)).await;
+    assert_eq!(sse.choice_chunks().len(), 3, "raw: {}", sse.raw);
+    let usage = sse.usage_chunks();
+    assert_eq!(usage.len(), 1, "raw: {}", sse.raw);
+    assert_eq!(usage[0]["usage"]["total_tokens"], json!(12));
+    assert!(sse.has_done());
+    // The usage chunk comes after the content and before [DONE].
+    let datas: Vec<&str> = sse.events.iter().map(|e| e.data.as_str()).collect();
+    assert_eq!(datas.last().copied(), Some("[DONE]"));
+    assert!(datas[datas.len() - 2].contains("\"usage\""), "{datas:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_closes_upstream() {
+    let mock = MockUpstream::start().await;
+    let router = Router::start(&one_cred(&mock.url())).await;
+
+    let total_events = 61; // 60 chunks + [DONE], 50 ms apart: ~3 s if never cut
+    mock.push(Reply::stream(
+        openai_stream(60, false, 0),
+        Duration::from_millis(50),
+    ));
+    let start = Instant::now();
+    let resp = router
+        .post("/v1/chat/completions", &chat_stream_body("gpt-4o"))
+        .await;
+    assert_eq!(resp.status().as_u16(), 200);
+    let sse = read_sse(resp, start, Some(2), Duration::from_secs(5)).await;
+    assert!(sse.events.len() >= 2, "raw: {}", sse.raw);
+    // `read_sse` dropped the response: the client connection is gone.
+    let closed = mock.wait_stream_aborted(Duration::from_millis(2500)).await;
+    assert!(
+        closed,
+        "upstream stream still running after the client left (events sent: {})",
+        mock.events_sent()
+    );
+    assert!(mock.events_sent() < total_events, "all events were sent");
+    assert_eq!(mock.streams_completed(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_retry_after_stream_started() {
+    let mock = MockUpstream::start().await;
+    let yaml = server_yaml(2, &[])
+        + &creds_yaml(&[
+            cred("c1", "openai", "sk-c1", &mock.url(), &[]),
+            cred("c2", "openai", "sk-c2", &mock.url(), &[]),
+        ]);
+    let router = Router::start(&yaml).await;
+
+    let events: Vec<String> = openai_stream(5, false, 0).into_iter().take(2).collect();
+    mock.push(Reply::StreamCut {
+        events,
+        interval: Duration::from_millis(50),
+    });
+    let start = Instant::now();
+    let resp = router
+        .post("/v1/chat/completions", &chat_stream_body("gpt-4o"))
+        .await;
+    assert_eq!(resp.status().as_u16(), 200);
+    let sse = read_sse(resp, start, None, Duration::from_secs(5)).await;
+    assert!(!sse.timed_out, "truncated stream must end: {}", sse.raw);
+    assert_eq!(sse.content(), "c0 c1 ", "raw: {}", sse.raw);
+    assert!(!sse.has_done());
+    // Give a (wrong) late retry a chance to show up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        mock.bearers(),
+        vec!["sk-c1"],
+        "no second attempt once streaming started"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_stream_error_status_is_retried_before_streaming() {
+    // A 500 before any byte reached the client is retried even for stream requests.
+    let mock = MockUpstream::start().await;
+    let yaml = server_yaml(1, &[])
+        + &creds_yaml(&[
+            cred("c1", "openai", "sk-c1", &mock.url(), &[]),
+            cred("c2", "openai", "sk-c2", &mock.url(), &[]),
+        ]);
+    let router = Router::start(&yaml).await;
+
+    mock.push(Reply::error(500, "boom"));
+    let start = Instant::now();
+    let resp = router
+        .post("/v1/chat/completions", &chat_stream_body("gpt-4o"))
+        .await;
+    assert_eq!(resp.status().as_u16(), 200);
+    let sse = read_sse(resp, start, None, Duration::from_secs(5)).await;
+    assert_eq!(sse.choice_chunks().len(), 3, "raw: {}", sse.raw);
+    assert!(sse.has_done());
+    assert_eq!(mock.bearers(), vec!["sk-c1", "sk-c2"]);
+}

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The project's test command: build, format check, lints, Rust tests, then the
+# Python SDK compatibility tests in a cached virtualenv.
+#
+#   bash tests/run.sh
+#
+# Needs: cargo (rustup, with rustfmt and clippy) and python3.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+section() {
+    printf '\n==== %s ====\n' "$*"
+}
+
+section "cargo build --workspace --all-targets"
+cargo build --workspace --all-targets
+
+section "cargo fmt --check"
+cargo fmt --all -- --check
+
+section "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+section "cargo test --workspace"
+cargo test --workspace
+
+section "Python SDK environment"
+PYTHON="${PYTHON:-python3}"
+REQ="tests/sdk/requirements.txt"
+# Key the venv by the requirements and the interpreter version.
+KEY="$( { cat "$REQ"; "$PYTHON" -c 'import sys; print(sys.version)'; } | sha256sum | cut -c1-16)"
+CACHE_ROOT="${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/airouter"
+VENV="$CACHE_ROOT/venv-$KEY"
+
+make_venv() {
+    rm -rf "$VENV"
+    mkdir -p "$CACHE_ROOT"
+    "$PYTHON" -m venv "$VENV"
+}
+
+if [ -f "$VENV/.ready" ] && [ -x "$VENV/bin/python" ]; then
+    echo "reusing $VENV"
+else
+    echo "creating $VENV"
+    if ! make_venv; then
+        # Debian/Ubuntu ship venv (ensurepip) separately.
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            PYVER="$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+            echo "python venv unavailable: installing python${PYVER}-venv with apt-get"
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "python${PYVER}-venv" \
+                || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+            make_venv
+        else
+            echo "error: '$PYTHON -m venv' failed; install the python3-venv package" >&2
+            exit 1
+        fi
+    fi
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQ"
+    touch "$VENV/.ready"
+fi
+
+section "Python SDK tests (pytest)"
+export PYTHONDONTWRITEBYTECODE=1
+AIROUTER_BIN="${CARGO_TARGET_DIR:-target}/debug/airouter" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/sdk
