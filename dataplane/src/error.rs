@@ -3,8 +3,6 @@
 //! Bodies use the OpenAI error shape (`{"error":{"message","type","param","code"}}`), so SDKs
 //! surface them as they would the provider's own errors. Messages never contain a key.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::json;
@@ -44,7 +42,10 @@ pub enum ProxyError {
     #[error("model field is required")]
     ModelRequired,
     #[error("model {model:?} is not served by any credential{}", unsupported_note(.unsupported))]
-    ModelNotFound { model: String, unsupported: Vec<String> },
+    ModelNotFound {
+        model: String,
+        unsupported: Vec<String>,
+    },
     #[error("{}", exhausted_message(*.reason, .model))]
     Exhausted {
         model: String,
@@ -76,7 +77,9 @@ fn exhausted_message(reason: ExhaustedReason, model: &str) -> String {
     let why = match reason {
         ExhaustedReason::RateLimited => "every credential is at its rate limit",
         ExhaustedReason::Banned => "every credential is temporarily banned after upstream errors",
-        ExhaustedReason::Unavailable => "every credential is rate-limited, banned or already failed",
+        ExhaustedReason::Unavailable => {
+            "every credential is rate-limited, banned or already failed"
+        }
     };
     format!("No credentials available for model {model:?}: {why}")
 }
@@ -165,13 +168,20 @@ impl ProxyError {
     }
 
     pub fn into_response(self) -> Response<RespBody> {
-        let mut resp = error_response(self.status(), &self.to_string(), self.kind(), self.param(), self.code());
+        let mut resp = error_response(
+            self.status(),
+            &self.to_string(),
+            self.kind(),
+            self.param(),
+            self.code(),
+        );
         if let ProxyError::Exhausted {
             retry_after: Some(secs),
             ..
         } = self
         {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }
@@ -216,9 +226,4 @@ pub fn json_response(status: StatusCode, body: Bytes) -> Response<RespBody> {
         HeaderValue::from_static("application/json"),
     );
     resp
-}
-
-/// Seconds for `Retry-After`, for use with [`ProxyError::Exhausted`].
-pub fn retry_after(d: Duration) -> u64 {
-    d.as_secs().max(1)
 }

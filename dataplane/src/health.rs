@@ -11,13 +11,7 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 use serde::Serialize;
 
-use crate::{
-    body::RespBody,
-    error::json_response,
-    limit::CredUsage,
-    proxy::App,
-    runtime::Runtime,
-};
+use crate::{body::RespBody, error::json_response, limit::CredUsage, proxy::App, runtime::Runtime};
 
 #[derive(Serialize)]
 struct Health<'a> {
@@ -73,7 +67,8 @@ pub fn health(rt: &Runtime) -> Response<RespBody> {
             }
         }
         let is_banned = usage.pairs.iter().any(|p| p.ban.is_some());
-        let at_limit = cred.rpm.get().is_some_and(|l| usage.rpm >= l) || cred.tpm.get().is_some_and(|l| usage.tpm >= l);
+        let at_limit = cred.rpm.get().is_some_and(|l| usage.rpm >= l)
+            || cred.tpm.get().is_some_and(|l| usage.tpm >= l);
         banned += usize::from(is_banned);
         available += usize::from(!is_banned && !at_limit && cred.kind.is_supported());
         credentials.insert(
@@ -123,7 +118,10 @@ pub fn health(rt: &Runtime) -> Response<RespBody> {
                 limit_rpm: -1,
                 limit_tpm: -1,
                 error_code_counts: if pair.ban.is_some() {
-                    pair.strikes.iter().map(|(c, n)| (c.to_string(), *n)).collect()
+                    pair.strikes
+                        .iter()
+                        .map(|(c, n)| (c.to_string(), *n))
+                        .collect()
                 } else {
                     BTreeMap::new()
                 },
@@ -131,14 +129,22 @@ pub fn health(rt: &Runtime) -> Response<RespBody> {
         }
     }
     let doc = Health {
-        status: if available > 0 { "healthy" } else { "unhealthy" },
+        status: if available > 0 {
+            "healthy"
+        } else {
+            "unhealthy"
+        },
         credentials_available: available,
         credentials_banned: banned,
         total_credentials: rt.credentials.len(),
         credentials,
         models,
     };
-    let status = if available > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if available > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     json_response(status, to_json(&doc))
 }
 
@@ -154,7 +160,11 @@ pub fn readiness(app: &App) -> Response<RespBody> {
         "use_aiohttp_transport": false,
         "last_updated": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
     });
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     json_response(status, to_json(&doc))
 }
 
@@ -165,7 +175,10 @@ pub fn models(rt: &Runtime) -> Response<RespBody> {
         .iter()
         .map(|id| serde_json::json!({"id": id, "object": "model", "created": rt.loaded_at_unix, "owned_by": "system"}))
         .collect();
-    json_response(StatusCode::OK, to_json(&serde_json::json!({"object": "list", "data": data})))
+    json_response(
+        StatusCode::OK,
+        to_json(&serde_json::json!({"object": "list", "data": data})),
+    )
 }
 
 fn to_json<T: Serialize>(v: &T) -> Bytes {

@@ -32,7 +32,12 @@ enum Command {
     /// Run the router.
     Run {
         /// Config file (Auto AI Router format).
-        #[arg(long, short = 'c', env = "AIROUTER_CONFIG", default_value = "config.yaml")]
+        #[arg(
+            long,
+            short = 'c',
+            env = "AIROUTER_CONFIG",
+            default_value = "config.yaml"
+        )]
         config: PathBuf,
         /// Log line format.
         #[arg(long, env = "AIROUTER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -65,7 +70,9 @@ fn normalise_args(args: Vec<String>) -> Vec<String> {
         })
         .collect();
     let has_command = rest.first().is_some_and(|a| !a.starts_with('-'))
-        || rest.iter().any(|a| matches!(a.as_str(), "-h" | "--help" | "-V" | "--version"));
+        || rest
+            .iter()
+            .any(|a| matches!(a.as_str(), "-h" | "--help" | "-V" | "--version"));
     if !has_command {
         out.push("run".to_owned());
     }
@@ -98,7 +105,11 @@ fn check_config(path: &Path) -> ExitCode {
                 println!("warning: {w}");
             }
             let c = &loaded.config;
-            let unsupported: Vec<_> = c.credentials.iter().filter(|c| !c.kind.is_supported()).collect();
+            let unsupported: Vec<_> = c
+                .credentials
+                .iter()
+                .filter(|c| !c.kind.is_supported())
+                .collect();
             for cred in &unsupported {
                 println!("warning: credential {:?} has type {} whose adapter airouter does not have yet; it will never be selected", cred.name, cred.kind);
             }
@@ -115,15 +126,20 @@ fn check_config(path: &Path) -> ExitCode {
             for p in &e.problems {
                 println!("error: {p}");
             }
-            println!("{}: {} problem(s); the config was not accepted", path.display(), e.problems.len());
+            println!(
+                "{}: {} problem(s); the config was not accepted",
+                path.display(),
+                e.problems.len()
+            );
             ExitCode::from(EXIT_BAD_CONFIG)
         }
     }
 }
 
 fn init_tracing(level: LogLevel, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{},hyper=warn,rustls=warn", level.as_str())));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{},hyper=warn,rustls=warn", level.as_str()))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
@@ -149,7 +165,10 @@ fn run(path: &Path, log_format: LogFormat) -> ExitCode {
     for w in &loaded.warnings {
         warn!(field = %w.field, "{}", w.message);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("airouter: cannot start the async runtime: {e}");
@@ -178,9 +197,9 @@ async fn serve(config: RouterConfig) -> anyhow::Result<()> {
     for cred in rt.unsupported_credentials() {
         warn!(credential = %cred.name, r#type = %cred.kind, "credential type has no adapter yet; it is never selected");
     }
-    let listener = server::bind(&host, port)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {host}:{port} (server.host/server.port): {e}"))?;
+    let listener = server::bind(&host, port).await.map_err(|e| {
+        anyhow::anyhow!("cannot listen on {host}:{port} (server.host/server.port): {e}")
+    })?;
     info!(
         address = %listener.local_addr()?,
         credentials = rt.credentials.len(),
@@ -225,9 +244,15 @@ mod tests {
 
     #[test]
     fn upstream_spelling_runs() {
-        assert_eq!(args(&["airouter", "-config", "c.yaml"]), ["airouter", "run", "--config", "c.yaml"]);
+        assert_eq!(
+            args(&["airouter", "-config", "c.yaml"]),
+            ["airouter", "run", "--config", "c.yaml"]
+        );
         assert_eq!(args(&["airouter"]), ["airouter", "run"]);
-        assert_eq!(args(&["airouter", "check-config", "x"]), ["airouter", "check-config", "x"]);
+        assert_eq!(
+            args(&["airouter", "check-config", "x"]),
+            ["airouter", "check-config", "x"]
+        );
         assert_eq!(args(&["airouter", "--help"]), ["airouter", "--help"]);
     }
 }

@@ -57,9 +57,12 @@ pub async fn respond(cfg: &MockConfig, req: MockRequest<'_>) -> Response<RespBod
         });
         return json(body);
     }
-    let text: String = (0..cfg.chunks).map(|i| WORDS[i as usize % WORDS.len()]).collect();
+    let text: String = (0..cfg.chunks)
+        .map(|i| WORDS[i as usize % WORDS.len()])
+        .collect();
     if !req.stream {
-        let body = if req.path.ends_with("/completions") && !req.path.ends_with("/chat/completions") {
+        let body = if req.path.ends_with("/completions") && !req.path.ends_with("/chat/completions")
+        {
             json!({
                 "id": id, "object": "text_completion", "created": created, "model": req.model,
                 "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": null}],
@@ -84,7 +87,10 @@ pub async fn respond(cfg: &MockConfig, req: MockRequest<'_>) -> Response<RespBod
     let mut events = Vec::with_capacity(cfg.chunks as usize + 4);
     events.push(chunk(json!({"role": "assistant", "content": ""}), None));
     for i in 0..cfg.chunks {
-        events.push(chunk(json!({"content": WORDS[i as usize % WORDS.len()]}), None));
+        events.push(chunk(
+            json!({"content": WORDS[i as usize % WORDS.len()]}),
+            None,
+        ));
     }
     events.push(chunk(json!({}), Some("stop")));
     if req.include_usage {
@@ -99,13 +105,14 @@ pub async fn respond(cfg: &MockConfig, req: MockRequest<'_>) -> Response<RespBod
         .collect();
     frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
     let interval = cfg.chunk_interval;
-    let stream = futures::stream::unfold(frames.into_iter().enumerate(), move |mut it| async move {
-        let (i, frame) = it.next()?;
-        if i > 0 && !interval.is_zero() {
-            tokio::time::sleep(interval).await;
-        }
-        Some((Ok::<_, BoxError>(Frame::data(frame)), it))
-    });
+    let stream =
+        futures::stream::unfold(frames.into_iter().enumerate(), move |mut it| async move {
+            let (i, frame) = it.next()?;
+            if i > 0 && !interval.is_zero() {
+                tokio::time::sleep(interval).await;
+            }
+            Some((Ok::<_, BoxError>(Frame::data(frame)), it))
+        });
     let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -117,7 +124,9 @@ pub async fn respond(cfg: &MockConfig, req: MockRequest<'_>) -> Response<RespBod
 }
 
 fn json(body: serde_json::Value) -> Response<RespBody> {
-    let mut resp = Response::new(full(serde_json::to_vec(&body).expect("mock JSON serialises")));
+    let mut resp = Response::new(full(
+        serde_json::to_vec(&body).expect("mock JSON serialises"),
+    ));
     *resp.status_mut() = StatusCode::OK;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -125,4 +134,3 @@ fn json(body: serde_json::Value) -> Response<RespBody> {
     );
     resp
 }
-

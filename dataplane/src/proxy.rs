@@ -11,14 +11,15 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use http_body::Body as _;
 use http::{header, request::Parts, HeaderMap, Method, Request, Response, StatusCode};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tracing::{debug, info, warn};
 
 use crate::{
     body::{full, BoxError, RespBody},
+    config::CredentialType,
     error::{ExhaustedReason, ProxyError, TransportError},
     health,
     limit::{fail2ban::Outcome, parse_retry_after, retry_after_secs, Limits, SlotRef},
@@ -29,7 +30,6 @@ use crate::{
     store::ConfigStore,
     stream::{total_tokens, UsageTap},
     upstream::{self, HttpClient, HOPS_HEADER},
-    config::CredentialType,
 };
 
 /// Everything a request handler shares.
@@ -62,7 +62,12 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<RespBody>
             match proxy(&app, &rt, req).await {
                 Ok(resp) => resp,
                 Err(e) => {
-                    debug!(reason = e.reason(), status = e.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "refused");
+                    debug!(
+                        reason = e.reason(),
+                        status = e.status().as_u16(),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "refused"
+                    );
                     e.into_response()
                 }
             }
@@ -98,13 +103,20 @@ struct Forward<'a> {
     hops: u32,
 }
 
-async fn proxy(app: &App, rt: &Arc<Runtime>, req: Request<Incoming>) -> Result<Response<RespBody>, ProxyError> {
+async fn proxy(
+    app: &App,
+    rt: &Arc<Runtime>,
+    req: Request<Incoming>,
+) -> Result<Response<RespBody>, ProxyError> {
     let started = Instant::now();
     authorize(rt, req.headers())?;
     let hops = incoming_hops(req.headers());
     let max_hops = rt.config.server.max_hops;
     if hops >= max_hops {
-        return Err(ProxyError::LoopDetected { hops, max: max_hops });
+        return Err(ProxyError::LoopDetected {
+            hops,
+            max: max_hops,
+        });
     }
     let (parts, body) = req.into_parts();
     let body = read_body(&parts.headers, body, rt.config.server.max_body_size_mb).await?;
@@ -204,7 +216,12 @@ impl Forward<'_> {
     }
 
     fn record(&self, cred: &Credential, slot: &Slot, outcome: Outcome) {
-        let ban = self.app.limits.record_outcome(self.slot_ref(cred, slot), outcome, &self.rt.policy, Instant::now());
+        let ban = self.app.limits.record_outcome(
+            self.slot_ref(cred, slot),
+            outcome,
+            &self.rt.policy,
+            Instant::now(),
+        );
         if let Some(ban) = ban {
             warn!(
                 credential = %cred.name,
@@ -222,7 +239,15 @@ impl Forward<'_> {
             TransportError::Timeout => 408,
             TransportError::Connect | TransportError::Body => 502,
         };
-        self.record(cred, slot, Outcome { status, retry_after: None, counts: true });
+        self.record(
+            cred,
+            slot,
+            Outcome {
+                status,
+                retry_after: None,
+                counts: true,
+            },
+        );
         Attempt::Retry(Failure::Transport(error))
     }
 
@@ -239,7 +264,14 @@ impl Forward<'_> {
                 mock::respond(cfg, req).await
             }
             _ => {
-                let req = match upstream::build(cred, &self.parts.method, self.path_and_query, &self.parts.headers, self.body.body.clone(), self.hops) {
+                let req = match upstream::build(
+                    cred,
+                    &self.parts.method,
+                    self.path_and_query,
+                    &self.parts.headers,
+                    self.body.body.clone(),
+                    self.hops,
+                ) {
                     Ok(req) => req,
                     Err(e) => {
                         warn!(credential = %cred.name, error = %e, "cannot build the upstream request");
@@ -268,15 +300,27 @@ impl Forward<'_> {
         let status = resp.status();
         if is_streaming(resp.headers()) {
             // The answer, whatever its status: bytes are about to reach the client.
-            self.record(cred, slot, Outcome { status: status.as_u16(), retry_after: None, counts: !status.is_success() });
+            self.record(
+                cred,
+                slot,
+                Outcome {
+                    status: status.as_u16(),
+                    retry_after: None,
+                    counts: !status.is_success(),
+                },
+            );
             return Attempt::Answer(self.tap_stream(cred, slot, resp));
         }
 
         let (parts, body) = resp.into_parts();
-        let limit = self.rt.config.server.max_body_size_mb * self.rt.config.server.response_body_multiplier * MIB;
+        let limit = self.rt.config.server.max_body_size_mb
+            * self.rt.config.server.response_body_multiplier
+            * MIB;
         let collect = collect_limited(body, limit as usize);
         let collected = match timeout {
-            Some(t) => tokio::time::timeout(t, collect).await.map_err(|_| TransportError::Timeout),
+            Some(t) => tokio::time::timeout(t, collect)
+                .await
+                .map_err(|_| TransportError::Timeout),
             None => Ok(collect.await),
         };
         let bytes = match collected {
@@ -293,10 +337,20 @@ impl Forward<'_> {
             .get(header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        self.record(cred, slot, Outcome { status: status.as_u16(), retry_after, counts: !benign });
+        self.record(
+            cred,
+            slot,
+            Outcome {
+                status: status.as_u16(),
+                retry_after,
+                counts: !benign,
+            },
+        );
         if status.is_success() {
             if let Some(tokens) = total_tokens(&bytes) {
-                self.app.limits.charge_tokens(self.slot_ref(cred, slot), tokens, Instant::now());
+                self.app
+                    .limits
+                    .charge_tokens(self.slot_ref(cred, slot), tokens, Instant::now());
             }
         }
         let resp = Response::from_parts(parts, full(bytes));
@@ -310,7 +364,12 @@ impl Forward<'_> {
 
     /// Wraps a streaming body so its usage is charged when it ends, and the usage chunk the
     /// router asked for is removed unless the client asked too.
-    fn tap_stream(&self, cred: &Credential, slot: &Slot, resp: Response<RespBody>) -> Response<RespBody> {
+    fn tap_stream(
+        &self,
+        cred: &Credential,
+        slot: &Slot,
+        resp: Response<RespBody>,
+    ) -> Response<RespBody> {
         let sse = resp
             .headers()
             .get(header::CONTENT_TYPE)
@@ -329,7 +388,12 @@ impl Forward<'_> {
         let on_done = Box::new(move |tokens: u64| {
             debug!(credential = %name, model = %model, tokens, "stream finished");
             if tokens > 0 {
-                let slot = SlotRef { credential: &name, state: &state, model: &model, limits: slot_limits };
+                let slot = SlotRef {
+                    credential: &name,
+                    state: &state,
+                    model: &model,
+                    limits: slot_limits,
+                };
                 limits.charge_tokens(slot, tokens, Instant::now());
             }
         });
@@ -359,7 +423,9 @@ async fn collect_limited(mut body: RespBody, limit: usize) -> Result<Bytes, BoxE
 }
 
 fn authorize(rt: &Runtime, headers: &HeaderMap) -> Result<(), ProxyError> {
-    let value = headers.get(header::AUTHORIZATION).ok_or(ProxyError::MissingAuth)?;
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or(ProxyError::MissingAuth)?;
     let token = value
         .as_bytes()
         .strip_prefix(b"Bearer ")
@@ -379,7 +445,11 @@ fn incoming_hops(headers: &HeaderMap) -> u32 {
         .unwrap_or(0)
 }
 
-async fn read_body(headers: &HeaderMap, body: Incoming, limit_mb: u64) -> Result<Bytes, ProxyError> {
+async fn read_body(
+    headers: &HeaderMap,
+    body: Incoming,
+    limit_mb: u64,
+) -> Result<Bytes, ProxyError> {
     let limit = limit_mb * MIB;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -390,7 +460,10 @@ async fn read_body(headers: &HeaderMap, body: Incoming, limit_mb: u64) -> Result
     }
     match Limited::new(body, limit as usize).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             Err(ProxyError::BodyTooLarge { limit_mb })
         }
         Err(_) => Err(ProxyError::BodyRead),
@@ -456,7 +529,9 @@ mod tests {
 
     #[test]
     fn request_specific_errors_are_recognised() {
-        assert!(is_request_specific_error(br#"{"error":{"message":"This model's Maximum Context Length is 8192"}}"#));
+        assert!(is_request_specific_error(
+            br#"{"error":{"message":"This model's Maximum Context Length is 8192"}}"#
+        ));
         assert!(is_request_specific_error(b"blocked by Content Policy"));
         assert!(!is_request_specific_error(b"rate limit exceeded"));
     }

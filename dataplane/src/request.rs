@@ -68,7 +68,12 @@ pub struct Rewritten {
 
 /// Applies the forwarding rewrites (spec §11.3): model name, model-family parameters, and
 /// `stream_options.include_usage` for streaming requests.
-pub fn rewrite(body: Bytes, probe: &Probe<'_>, upstream_model: &str, family_model_id: &str) -> Rewritten {
+pub fn rewrite(
+    body: Bytes,
+    probe: &Probe<'_>,
+    upstream_model: &str,
+    family_model_id: &str,
+) -> Rewritten {
     let inject = probe.stream && !probe.include_usage && !probe.responses_input;
     let rules = family_rules(family_model_id);
     let rename = upstream_model != probe.model;
@@ -182,8 +187,16 @@ mod tests {
         assert!(Probe::read(br#"{"model":5}"#).is_none());
         assert!(Probe::read(br#"{"model":""}"#).is_none());
         assert!(Probe::read(b"not json").is_none());
-        assert!(!Probe::read(br#"{"model":"m","stream":"true"}"#).unwrap().stream);
-        assert!(Probe::read(br#"{"model":"m","input":"hi"}"#).unwrap().responses_input);
+        assert!(
+            !Probe::read(br#"{"model":"m","stream":"true"}"#)
+                .unwrap()
+                .stream
+        );
+        assert!(
+            Probe::read(br#"{"model":"m","input":"hi"}"#)
+                .unwrap()
+                .responses_input
+        );
     }
 
     #[test]
@@ -205,7 +218,11 @@ mod tests {
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert!(out.injected_usage);
         let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
-        assert_eq!(keys, ["model", "stream", "messages", "stream_options"], "order is kept");
+        assert_eq!(
+            keys,
+            ["model", "stream", "messages", "stream_options"],
+            "order is kept"
+        );
     }
 
     #[test]
@@ -216,9 +233,13 @@ mod tests {
         assert!(family_rules("gpt-5.1").is_some());
         assert!(family_rules("o10").is_none());
         assert!(family_rules("gpt-4o").is_none());
-        let body = Bytes::from_static(br#"{"model":"o1","max_tokens":5,"temperature":1,"logprobs":true}"#);
+        let body =
+            Bytes::from_static(br#"{"model":"o1","max_tokens":5,"temperature":1,"logprobs":true}"#);
         let p = Probe::read(&body).unwrap();
         let v: Value = serde_json::from_slice(&rewrite(body.clone(), &p, "o1", "o1").body).unwrap();
-        assert_eq!(v, serde_json::json!({"model":"o1","max_completion_tokens":5}));
+        assert_eq!(
+            v,
+            serde_json::json!({"model":"o1","max_completion_tokens":5})
+        );
     }
 }

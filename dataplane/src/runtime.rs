@@ -24,6 +24,9 @@ use crate::{
     secret::Secret,
 };
 
+/// `rpm` and `tpm` of a `models[]` entry, as written (`None`: not set).
+type PairLimits = (Option<Limit>, Option<Limit>);
+
 /// Which group of credentials a slot belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tier {
@@ -98,7 +101,11 @@ pub struct Registry {
 
 impl Registry {
     fn cred_state(&self, name: &str) -> Arc<CredState> {
-        self.creds.lock().entry(name.to_owned()).or_default().clone()
+        self.creds
+            .lock()
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// Forgets credentials a new config no longer has.
@@ -126,7 +133,9 @@ pub enum Lookup<'r> {
     Route(&'r Route),
     /// No credential of a supported type serves the model; `unsupported` names credentials
     /// that would, were their type supported.
-    NotServed { unsupported: Vec<&'r str> },
+    NotServed {
+        unsupported: Vec<&'r str>,
+    },
 }
 
 #[derive(Debug)]
@@ -178,8 +187,8 @@ impl Runtime {
         // Pair bindings: a global entry binds a model to every credential; an entry with
         // `credential` binds it to that one and sets the pair's limits (it wins over global).
         let mut model_ids: Vec<String> = Vec::new();
-        let mut global: HashMap<&str, (Option<Limit>, Option<Limit>)> = HashMap::new();
-        let mut specific: HashMap<(&str, usize), (Option<Limit>, Option<Limit>)> = HashMap::new();
+        let mut global: HashMap<&str, PairLimits> = HashMap::new();
+        let mut specific: HashMap<(&str, usize), PairLimits> = HashMap::new();
         let mut real_names = HashMap::new();
         for m in &config.models {
             if !model_ids.contains(&m.name) {
@@ -207,14 +216,21 @@ impl Runtime {
         for model in &model_ids {
             let mut route = Route::default();
             for (i, cred) in credentials.iter().enumerate() {
-                let Some(&(rpm, tpm)) = specific.get(&(model.as_str(), i)).or(global.get(model.as_str())) else {
+                let Some(&(rpm, tpm)) = specific
+                    .get(&(model.as_str(), i))
+                    .or(global.get(model.as_str()))
+                else {
                     continue;
                 };
                 if !cred.kind.is_supported() {
                     unsupported_routes.entry(model.clone()).or_default().push(i);
                     continue;
                 }
-                let tier = if cred.is_fallback { Tier::Fallback } else { Tier::Primary };
+                let tier = if cred.is_fallback {
+                    Tier::Fallback
+                } else {
+                    Tier::Primary
+                };
                 route.tiers[tier as usize].push(Slot {
                     cred: i,
                     model_rpm: rpm.unwrap_or(default_rpm),
@@ -234,7 +250,11 @@ impl Runtime {
             if (filtering && bound) || !cred.kind.is_supported() {
                 continue;
             }
-            let tier = if cred.is_fallback { Tier::Fallback } else { Tier::Primary };
+            let tier = if cred.is_fallback {
+                Tier::Fallback
+            } else {
+                Tier::Primary
+            };
             open_route.tiers[tier as usize].push(Slot {
                 cred: i,
                 model_rpm: Limit::Unlimited,
@@ -265,7 +285,11 @@ impl Runtime {
     /// The model id used for routing: the alias target if `model` is an alias (one lookup,
     /// no chains, as upstream).
     pub fn resolve_alias<'a>(&'a self, model: &'a str) -> &'a str {
-        self.config.model_alias.get(model).map(String::as_str).unwrap_or(model)
+        self.config
+            .model_alias
+            .get(model)
+            .map(String::as_str)
+            .unwrap_or(model)
     }
 
     /// The name sent upstream for a model id, if it differs.
@@ -347,12 +371,30 @@ mod tests {
         let rt = runtime(&format!(
             "{CREDS}models:\n- {{name: m, rpm: 50}}\n- {{name: m, credential: a, rpm: 2}}\n- {{name: only-b, credential: b}}\n"
         ));
-        let Lookup::Route(r) = rt.lookup("m") else { panic!() };
+        let Lookup::Route(r) = rt.lookup("m") else {
+            panic!()
+        };
         let primaries: Vec<_> = r.tiers[0].iter().map(|s| (s.cred, s.model_rpm)).collect();
-        assert_eq!(primaries, vec![(0, Limit::PerMinute(2)), (1, Limit::PerMinute(50))]);
-        assert_eq!(r.tiers[1].len(), 1, "the proxy fallback is bound by the global entry");
-        let Lookup::Route(r) = rt.lookup("only-b") else { panic!() };
-        assert_eq!(r.tiers[0], vec![Slot { cred: 1, model_rpm: Limit::PerMinute(7), model_tpm: Limit::Unlimited }]);
+        assert_eq!(
+            primaries,
+            vec![(0, Limit::PerMinute(2)), (1, Limit::PerMinute(50))]
+        );
+        assert_eq!(
+            r.tiers[1].len(),
+            1,
+            "the proxy fallback is bound by the global entry"
+        );
+        let Lookup::Route(r) = rt.lookup("only-b") else {
+            panic!()
+        };
+        assert_eq!(
+            r.tiers[0],
+            vec![Slot {
+                cred: 1,
+                model_rpm: Limit::PerMinute(7),
+                model_tpm: Limit::Unlimited
+            }]
+        );
         assert!(matches!(rt.lookup("unknown"), Lookup::NotServed { .. }));
         assert_eq!(rt.model_ids, vec!["m", "only-b"]);
     }
@@ -360,7 +402,9 @@ mod tests {
     #[test]
     fn without_models_every_supported_credential_serves_everything() {
         let rt = runtime(CREDS);
-        let Lookup::Route(r) = rt.lookup("anything") else { panic!() };
+        let Lookup::Route(r) = rt.lookup("anything") else {
+            panic!()
+        };
         assert_eq!(r.tiers[0].len(), 2);
         assert_eq!(r.tiers[1].len(), 1);
         assert_eq!(rt.unsupported_credentials().count(), 1);
@@ -372,6 +416,9 @@ mod tests {
         let config = RouterConfig::from_yaml(CREDS, &|_| None).unwrap().config;
         let one = Runtime::compile(config.clone(), registry.clone());
         let two = Runtime::compile(config, registry);
-        assert!(Arc::ptr_eq(&one.credentials[0].state, &two.credentials[0].state));
+        assert!(Arc::ptr_eq(
+            &one.credentials[0].state,
+            &two.credentials[0].state
+        ));
     }
 }

@@ -105,14 +105,18 @@ mod tests {
     }
 
     fn names(rt: &Runtime, model: &str, n: usize) -> Vec<String> {
-        let Lookup::Route(route) = rt.lookup(model) else { panic!("no route") };
+        let Lookup::Route(route) = rt.lookup(model) else {
+            panic!("no route")
+        };
         let cursor = rt.cursor(model);
         let now = Instant::now();
         (0..n)
-            .map(|_| match select(rt, route, model, &cursor, &[], &LocalLimits, now) {
-                Ok(p) => rt.credentials[p.slot.cred].name.to_string(),
-                Err(_) => "-".to_string(),
-            })
+            .map(
+                |_| match select(rt, route, model, &cursor, &[], &LocalLimits, now) {
+                    Ok(p) => rt.credentials[p.slot.cred].name.to_string(),
+                    Err(_) => "-".to_string(),
+                },
+            )
             .collect()
     }
 
@@ -142,8 +146,19 @@ mod tests {
         let yaml = THREE.replace("base_url: 'http://h'}", "base_url: 'http://h', rpm: 1}");
         let rt = runtime(&yaml);
         assert_eq!(names(&rt, "m", 6), ["c1", "c2", "c3", "f1", "f2", "-"]);
-        let Lookup::Route(route) = rt.lookup("m") else { panic!() };
-        let err = select(&rt, route, "m", &rt.cursor("m"), &[], &LocalLimits, Instant::now()).unwrap_err();
+        let Lookup::Route(route) = rt.lookup("m") else {
+            panic!()
+        };
+        let err = select(
+            &rt,
+            route,
+            "m",
+            &rt.cursor("m"),
+            &[],
+            &LocalLimits,
+            Instant::now(),
+        )
+        .unwrap_err();
         assert_eq!(err.rate_limited, 5);
         assert!(err.frees_at.is_some());
     }
@@ -154,10 +169,21 @@ mod tests {
         let policy = Policy::compile(None);
         let now = Instant::now();
         let c1 = &rt.credentials[0];
-        c1.state.record_outcome("m", Outcome { status: 429, retry_after: None, counts: true }, &policy, now);
+        c1.state.record_outcome(
+            "m",
+            Outcome {
+                status: 429,
+                retry_after: None,
+                counts: true,
+            },
+            &policy,
+            now,
+        );
         assert_eq!(names(&rt, "m", 2), ["c2", "c3"]);
         assert_eq!(names(&rt, "other", 1), ["c1"], "the ban is per model");
-        let Lookup::Route(route) = rt.lookup("m") else { panic!() };
+        let Lookup::Route(route) = rt.lookup("m") else {
+            panic!()
+        };
         let pick = select(&rt, route, "m", &rt.cursor("m"), &[1, 2], &LocalLimits, now).unwrap();
         assert_eq!(pick.tier, Tier::Fallback);
     }

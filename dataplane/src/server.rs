@@ -2,7 +2,9 @@
 //! serves them with [`proxy::handle`], and shuts down gracefully: stop accepting, let
 //! in-flight requests and streams finish (bounded by a grace period), then return.
 
-use std::{convert::Infallible, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration,
+};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -19,7 +21,12 @@ use crate::{
 };
 
 /// Serves until `shutdown` resolves, then drains connections for at most `grace`.
-pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>, grace: Duration) {
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -77,7 +77,13 @@ fn inspect_event(event: &[u8]) -> EventInfo {
             .usage
             .as_ref()
             .and_then(|u| u.total_tokens)
-            .or_else(|| chunk.response.as_ref().and_then(|r| r.usage.as_ref()).and_then(|u| u.total_tokens))
+            .or_else(|| {
+                chunk
+                    .response
+                    .as_ref()
+                    .and_then(|r| r.usage.as_ref())
+                    .and_then(|u| u.total_tokens)
+            })
             .filter(|&t| t > 0)
         {
             info.tokens = Some(info.tokens.unwrap_or(0).max(t));
@@ -151,7 +157,10 @@ impl Body for UsageTap {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         loop {
             match ready!(this.inner.as_mut().poll_frame(cx)) {
@@ -224,11 +233,22 @@ mod tests {
     async fn run(strip: bool, pieces: Vec<&'static str>) -> (String, u64) {
         let seen = Arc::new(AtomicU64::new(u64::MAX));
         let s = seen.clone();
-        let stream = futures::stream::iter(pieces.into_iter().map(|p| Ok::<_, BoxError>(Frame::data(Bytes::from(p)))));
+        let stream = futures::stream::iter(
+            pieces
+                .into_iter()
+                .map(|p| Ok::<_, BoxError>(Frame::data(Bytes::from(p)))),
+        );
         let inner = StreamBody::new(stream).boxed_unsync();
-        let tap = UsageTap::new(inner, strip, Box::new(move |t| s.store(t, Ordering::SeqCst)));
+        let tap = UsageTap::new(
+            inner,
+            strip,
+            Box::new(move |t| s.store(t, Ordering::SeqCst)),
+        );
         let bytes = tap.collect().await.unwrap().to_bytes();
-        (String::from_utf8(bytes.to_vec()).unwrap(), seen.load(Ordering::SeqCst))
+        (
+            String::from_utf8(bytes.to_vec()).unwrap(),
+            seen.load(Ordering::SeqCst),
+        )
     }
 
     #[tokio::test]
@@ -243,7 +263,11 @@ mod tests {
         let all = EVENTS.concat();
         let (a, b) = all.split_at(70);
         let (b, c) = b.split_at(40);
-        let pieces = vec![&*a.to_owned().leak(), &*b.to_owned().leak(), &*c.to_owned().leak()];
+        let pieces = vec![
+            &*a.to_owned().leak(),
+            &*b.to_owned().leak(),
+            &*c.to_owned().leak(),
+        ];
         let (out, tokens) = run(true, pieces).await;
         assert_eq!(out, format!("{}{}", EVENTS[0], EVENTS[2]));
         assert_eq!(tokens, 12);
@@ -252,7 +276,10 @@ mod tests {
     #[test]
     fn total_tokens_of_bodies() {
         assert_eq!(total_tokens(br#"{"usage":{"total_tokens":30}}"#), Some(30));
-        assert_eq!(total_tokens(br#"{"response":{"usage":{"total_tokens":3}}}"#), Some(3));
+        assert_eq!(
+            total_tokens(br#"{"response":{"usage":{"total_tokens":3}}}"#),
+            Some(3)
+        );
         assert_eq!(total_tokens(br#"{"usage":{"total_tokens":0}}"#), None);
         assert_eq!(total_tokens(b"nope"), None);
     }

@@ -173,9 +173,15 @@ mod tests {
     #[test]
     fn version_dedup_only_for_openai() {
         let c = cred(CredentialType::Openai, "https://h/api/paas/v4");
-        assert_eq!(url(&c, "/v1/chat/completions?x=1").unwrap(), "https://h/api/paas/v4/chat/completions?x=1");
+        assert_eq!(
+            url(&c, "/v1/chat/completions?x=1").unwrap(),
+            "https://h/api/paas/v4/chat/completions?x=1"
+        );
         let c = cred(CredentialType::Openai, "https://h");
-        assert_eq!(url(&c, "/v1/chat/completions").unwrap(), "https://h/v1/chat/completions");
+        assert_eq!(
+            url(&c, "/v1/chat/completions").unwrap(),
+            "https://h/v1/chat/completions"
+        );
         let c = cred(CredentialType::Proxy, "http://r/v4");
         assert_eq!(url(&c, "/v1/models").unwrap(), "http://r/v4/v1/models");
     }
@@ -183,11 +189,22 @@ mod tests {
     #[test]
     fn client_credentials_never_forwarded() {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer master"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer master"),
+        );
         h.insert("x-custom", HeaderValue::from_static("1"));
         h.insert(HOPS_HEADER, HeaderValue::from_static("2"));
         let c = cred(CredentialType::Proxy, "http://r");
-        let req = build(&c, &Method::POST, "/v1/chat/completions", &h, Bytes::new(), 2).unwrap();
+        let req = build(
+            &c,
+            &Method::POST,
+            "/v1/chat/completions",
+            &h,
+            Bytes::new(),
+            2,
+        )
+        .unwrap();
         assert!(req.headers().get(header::AUTHORIZATION).is_none());
         assert_eq!(req.headers()["x-custom"], "1");
         assert_eq!(req.headers()[HOPS_HEADER], "3");

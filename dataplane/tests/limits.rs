@@ -85,11 +85,6 @@ async fn body_size_limit() {
         1,
         "an oversized body must not reach an upstream"
     );
-
-    let huge = router
-        .post_raw("/v1/chat/completions", padded(3 * limit))
-        .await;
-    assert_eq!(huge.status().as_u16(), 413);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -302,7 +302,10 @@ pub struct Loaded {
 impl RouterConfig {
     /// Parses and validates a YAML (or JSON) document, resolving `os.environ/NAME` through
     /// `env` (pass `|k| std::env::var(k).ok()` in production; tests pass a map).
-    pub fn from_yaml(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, ConfigError> {
+    pub fn from_yaml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Loaded, ConfigError> {
         parse::parse(text, env)
     }
 

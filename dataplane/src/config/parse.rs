@@ -65,11 +65,19 @@ const MOCK_KEYS: &[&str] = &[
     "completion_tokens",
 ];
 const MODEL_KEYS: &[&str] = &["name", "model", "credential", "rpm", "tpm"];
-const FAIL2BAN_KEYS: &[&str] = &["max_attempts", "ban_duration", "error_codes", "error_code_rules"];
+const FAIL2BAN_KEYS: &[&str] = &[
+    "max_attempts",
+    "ban_duration",
+    "error_codes",
+    "error_code_rules",
+];
 const RULE_KEYS: &[&str] = &["code", "max_attempts", "ban_duration"];
 const MONITORING_KEYS: &[&str] = &["prometheus_enabled", "log_errors", "errors_log_path"];
 
-pub(super) fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, ConfigError> {
+pub(super) fn parse(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Loaded, ConfigError> {
     let mut p = Parser {
         env,
         problems: Vec::new(),
@@ -137,7 +145,10 @@ impl Parser<'_> {
             Value::Mapping(m) => m,
             Value::Null => &empty,
             _ => {
-                self.error("document", "must be a mapping with a `server` and `credentials` section");
+                self.error(
+                    "document",
+                    "must be a mapping with a `server` and `credentials` section",
+                );
                 return None;
             }
         };
@@ -167,7 +178,12 @@ impl Parser<'_> {
         })
     }
 
-    fn mapping<'v>(&mut self, v: Option<&'v Value>, field: &str, known: &[&str]) -> Option<&'v Mapping> {
+    fn mapping<'v>(
+        &mut self,
+        v: Option<&'v Value>,
+        field: &str,
+        known: &[&str],
+    ) -> Option<&'v Mapping> {
         match v {
             None | Some(Value::Null) => None,
             Some(Value::Mapping(m)) => {
@@ -183,7 +199,10 @@ impl Parser<'_> {
 
     fn unknown_keys(&mut self, m: &Mapping, field: &str, known: &[&str]) {
         for key in m.keys() {
-            let name = key.as_str().map(str::to_owned).unwrap_or_else(|| format!("{key:?}"));
+            let name = key
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("{key:?}"));
             if !known.contains(&name.as_str()) {
                 let path = join(field, &name);
                 self.warn(path, "unknown key, ignored");
@@ -208,7 +227,10 @@ impl Parser<'_> {
             if let Some(var) = text.strip_prefix(ENV_PREFIX) {
                 let value = (self.env)(var).unwrap_or_default();
                 if value.is_empty() {
-                    self.warn(field, format!("environment variable {var} is unset or empty"));
+                    self.warn(
+                        field,
+                        format!("environment variable {var} is unset or empty"),
+                    );
                 }
                 return Some(Scalar {
                     text: value,
@@ -223,7 +245,13 @@ impl Parser<'_> {
     }
 
     /// A string field; `None` when absent or empty.
-    fn string(&mut self, m: Option<&Mapping>, key: &str, parent: &str, env: bool) -> Option<String> {
+    fn string(
+        &mut self,
+        m: Option<&Mapping>,
+        key: &str,
+        parent: &str,
+        env: bool,
+    ) -> Option<String> {
         let field = join(parent, key);
         self.scalar(m, key, &field, env)
             .map(|s| s.text)
@@ -249,7 +277,10 @@ impl Parser<'_> {
         match parse(s.text.trim()) {
             Ok(v) => Some(v),
             Err(why) => {
-                self.error(field, format!("invalid {key}: {:?} is not {what}{}", s.text, suffix(&why)));
+                self.error(
+                    field,
+                    format!("invalid {key}: {:?} is not {what}{}", s.text, suffix(&why)),
+                );
                 None
             }
         }
@@ -269,12 +300,32 @@ impl Parser<'_> {
         })
     }
 
-    fn duration(&mut self, m: Option<&Mapping>, key: &str, parent: &str, env: bool) -> Option<Duration> {
-        self.parsed(m, key, parent, env, "a duration such as 30s, 1m or 1h30m", duration::parse)
+    fn duration(
+        &mut self,
+        m: Option<&Mapping>,
+        key: &str,
+        parent: &str,
+        env: bool,
+    ) -> Option<Duration> {
+        self.parsed(
+            m,
+            key,
+            parent,
+            env,
+            "a duration such as 30s, 1m or 1h30m",
+            duration::parse,
+        )
     }
 
     /// An RPM/TPM limit: `-1` unlimited, a positive number, and `0` per `zero`.
-    fn limit(&mut self, m: Option<&Mapping>, key: &str, parent: &str, env: bool, zero: Zero) -> Limit {
+    fn limit(
+        &mut self,
+        m: Option<&Mapping>,
+        key: &str,
+        parent: &str,
+        env: bool,
+        zero: Zero,
+    ) -> Limit {
         let Some(n) = self.int(m, key, parent, env) else {
             return Limit::Unlimited;
         };
@@ -294,25 +345,41 @@ impl Parser<'_> {
 
     fn server(&mut self, v: Option<&Value>) -> Option<ServerConfig> {
         if v.is_none_or(Value::is_null) {
-            self.error("server", "section is required (it holds at least `master_key`)");
+            self.error(
+                "server",
+                "section is required (it holds at least `master_key`)",
+            );
         }
         let m = self.mapping(v, "server", SERVER_KEYS);
         let f = "server";
-        let host = self.string(m, "host", f, true).unwrap_or_else(|| "0.0.0.0".into());
+        let host = self
+            .string(m, "host", f, true)
+            .unwrap_or_else(|| "0.0.0.0".into());
         if host.parse::<std::net::IpAddr>().is_err() {
-            self.error("server.host", format!("invalid host: {host:?} (must be an IP address such as 0.0.0.0 or 127.0.0.1)"));
+            self.error(
+                "server.host",
+                format!(
+                    "invalid host: {host:?} (must be an IP address such as 0.0.0.0 or 127.0.0.1)"
+                ),
+            );
         }
         let port = match self.int(m, "port", f, true).unwrap_or(8080) {
             p @ 1..=65535 => p as u16,
             p => {
-                self.error("server.port", format!("invalid port: {p} (must be 1..65535)"));
+                self.error(
+                    "server.port",
+                    format!("invalid port: {p} (must be 1..65535)"),
+                );
                 0
             }
         };
         let max_body_size_mb = match self.int(m, "max_body_size_mb", f, true).unwrap_or(100) {
             n if n > 0 => n as u64,
             n => {
-                self.error("server.max_body_size_mb", format!("invalid max_body_size_mb: {n} (must be > 0)"));
+                self.error(
+                    "server.max_body_size_mb",
+                    format!("invalid max_body_size_mb: {n} (must be > 0)"),
+                );
                 1
             }
         };
@@ -321,13 +388,17 @@ impl Parser<'_> {
             _ => 10,
         };
         let request_timeout = self.request_timeout(m);
-        let write_timeout = self.duration(m, "write_timeout", f, true).unwrap_or(Duration::from_secs(60));
+        let write_timeout = self
+            .duration(m, "write_timeout", f, true)
+            .unwrap_or(Duration::from_secs(60));
         let idle_timeout = match self.duration(m, "idle_timeout", f, true) {
             Some(Duration::ZERO) => write_timeout * 2,
             Some(d) => d,
             None => Duration::from_secs(120),
         };
-        let idle_conn_timeout = self.duration(m, "idle_conn_timeout", f, true).unwrap_or(Duration::from_secs(120));
+        let idle_conn_timeout = self
+            .duration(m, "idle_conn_timeout", f, true)
+            .unwrap_or(Duration::from_secs(120));
         let max_idle_conns = self.non_negative(m, "max_idle_conns", f, 200);
         let max_idle_conns_per_host = self.non_negative(m, "max_idle_conns_per_host", f, 20);
         let logging_level = match self.string(m, "logging_level", f, true).as_deref() {
@@ -335,13 +406,19 @@ impl Parser<'_> {
             Some("debug") => LogLevel::Debug,
             Some("error") => LogLevel::Error,
             Some(other) => {
-                self.error("server.logging_level", format!("invalid logging_level: {other} (must be info, debug, or error)"));
+                self.error(
+                    "server.logging_level",
+                    format!("invalid logging_level: {other} (must be info, debug, or error)"),
+                );
                 LogLevel::Info
             }
         };
         let master_key = self.string(m, "master_key", f, true);
         if master_key.is_none() {
-            self.error("server.master_key", "master_key is required (clients send it as `Authorization: Bearer <master_key>`)");
+            self.error(
+                "server.master_key",
+                "master_key is required (clients send it as `Authorization: Bearer <master_key>`)",
+            );
         }
         let default_models_rpm = match self.int(m, "default_models_rpm", f, true) {
             None | Some(0) | Some(-1) => Limit::Unlimited,
@@ -354,15 +431,23 @@ impl Parser<'_> {
         let max_provider_retries = match self.int(m, "max_provider_retries", f, true).unwrap_or(2) {
             n if (0..=100).contains(&n) => n as u32,
             n => {
-                self.error("server.max_provider_retries", format!("invalid max_provider_retries: {n} (must be between 0 and 100)"));
+                self.error(
+                    "server.max_provider_retries",
+                    format!("invalid max_provider_retries: {n} (must be between 0 and 100)"),
+                );
                 0
             }
         };
-        let model_prices_link = self.string(m, "model_prices_link", f, true).unwrap_or_default();
+        let model_prices_link = self
+            .string(m, "model_prices_link", f, true)
+            .unwrap_or_default();
         let max_hops = match self.int(m, "max_hops", f, true).unwrap_or(5) {
             n if (1..=100).contains(&n) => n as u32,
             n => {
-                self.error("server.max_hops", format!("invalid max_hops: {n} (must be between 1 and 100)"));
+                self.error(
+                    "server.max_hops",
+                    format!("invalid max_hops: {n} (must be between 1 and 100)"),
+                );
                 5
             }
         };
@@ -388,12 +473,17 @@ impl Parser<'_> {
 
     /// `request_timeout`: a duration; zero or negative (upstream's `-1ns`) means no timeout.
     fn request_timeout(&mut self, m: Option<&Mapping>) -> Option<Duration> {
-        let parsed = self.parsed(m, "request_timeout", "server", true, "a duration such as 60s (0 or -1ns: no timeout)", |s| {
-            match s.strip_prefix('-') {
+        let parsed = self.parsed(
+            m,
+            "request_timeout",
+            "server",
+            true,
+            "a duration such as 60s (0 or -1ns: no timeout)",
+            |s| match s.strip_prefix('-') {
                 Some(rest) => duration::parse(rest).map(|_| None),
                 None => duration::parse(s).map(|d| Some(d).filter(|d| !d.is_zero())),
-            }
-        });
+            },
+        );
         match parsed {
             None => Some(Duration::from_secs(60)),
             Some(d) => d,
@@ -405,7 +495,10 @@ impl Parser<'_> {
             None => default,
             Some(n) if n >= 0 => n as u64,
             Some(n) => {
-                self.error(join(parent, key), format!("invalid {key}: {n} (must be >= 0)"));
+                self.error(
+                    join(parent, key),
+                    format!("invalid {key}: {n} (must be >= 0)"),
+                );
                 default
             }
         }
@@ -417,12 +510,18 @@ impl Parser<'_> {
         let max_attempts = match self.int(m, "max_attempts", f, true).unwrap_or(3) {
             n if n > 0 && n <= u32::MAX as i64 => n as u32,
             n => {
-                self.error("fail2ban.max_attempts", format!("invalid max_attempts: {n} (must be > 0)"));
+                self.error(
+                    "fail2ban.max_attempts",
+                    format!("invalid max_attempts: {n} (must be > 0)"),
+                );
                 3
             }
         };
-        let ban_duration = self.ban_duration(m, "ban_duration", f).unwrap_or(BanDuration::Permanent);
-        let mut error_codes = self.codes(m.and_then(|m| m.get("error_codes")), "fail2ban.error_codes");
+        let ban_duration = self
+            .ban_duration(m, "ban_duration", f)
+            .unwrap_or(BanDuration::Permanent);
+        let mut error_codes =
+            self.codes(m.and_then(|m| m.get("error_codes")), "fail2ban.error_codes");
         if error_codes.is_empty() {
             error_codes.push(429);
         }
@@ -453,10 +552,17 @@ impl Parser<'_> {
                         }
                     };
                     let ban_duration = self.ban_duration(rm, "ban_duration", &rf);
-                    error_code_rules.push(ErrorCodeRule { code, max_attempts, ban_duration });
+                    error_code_rules.push(ErrorCodeRule {
+                        code,
+                        max_attempts,
+                        ban_duration,
+                    });
                 }
             }
-            Some(_) => self.error("fail2ban.error_code_rules", "must be a list of {code, max_attempts, ban_duration}"),
+            Some(_) => self.error(
+                "fail2ban.error_code_rules",
+                "must be a list of {code, max_attempts, ban_duration}",
+            ),
         }
         Some(Fail2BanConfig {
             max_attempts,
@@ -466,13 +572,31 @@ impl Parser<'_> {
         })
     }
 
-    fn ban_duration(&mut self, m: Option<&Mapping>, key: &str, parent: &str) -> Option<BanDuration> {
-        self.parsed(m, key, parent, true, "`permanent` or a duration such as 30m", |s| {
-            if s == "permanent" {
-                return Ok(BanDuration::Permanent);
-            }
-            duration::parse(s).map(|d| if d.is_zero() { BanDuration::Permanent } else { BanDuration::For(d) })
-        })
+    fn ban_duration(
+        &mut self,
+        m: Option<&Mapping>,
+        key: &str,
+        parent: &str,
+    ) -> Option<BanDuration> {
+        self.parsed(
+            m,
+            key,
+            parent,
+            true,
+            "`permanent` or a duration such as 30m",
+            |s| {
+                if s == "permanent" {
+                    return Ok(BanDuration::Permanent);
+                }
+                duration::parse(s).map(|d| {
+                    if d.is_zero() {
+                        BanDuration::Permanent
+                    } else {
+                        BanDuration::For(d)
+                    }
+                })
+            },
+        )
     }
 
     fn codes(&mut self, v: Option<&Value>, field: &str) -> Vec<u16> {
@@ -495,7 +619,10 @@ impl Parser<'_> {
                 })
                 .collect(),
             Some(_) => {
-                self.error(field, "must be a list of HTTP status codes, e.g. [429, 500]");
+                self.error(
+                    field,
+                    "must be a list of HTTP status codes, e.g. [429, 500]",
+                );
                 Vec::new()
             }
         }
@@ -515,9 +642,13 @@ impl Parser<'_> {
         let m = self.mapping(v, "monitoring", MONITORING_KEYS);
         let f = "monitoring";
         MonitoringConfig {
-            prometheus_enabled: self.boolean(m, "prometheus_enabled", f, true).unwrap_or(false),
+            prometheus_enabled: self
+                .boolean(m, "prometheus_enabled", f, true)
+                .unwrap_or(false),
             log_errors: self.boolean(m, "log_errors", f, true).unwrap_or(false),
-            errors_log_path: self.string(m, "errors_log_path", f, true).unwrap_or_default(),
+            errors_log_path: self
+                .string(m, "errors_log_path", f, true)
+                .unwrap_or_default(),
         }
     }
 
@@ -525,7 +656,10 @@ impl Parser<'_> {
         let items = match v {
             Some(Value::Sequence(items)) if !items.is_empty() => items,
             None | Some(Value::Null) | Some(Value::Sequence(_)) => {
-                self.error("credentials", "no credentials configured (add at least one entry)");
+                self.error(
+                    "credentials",
+                    "no credentials configured (add at least one entry)",
+                );
                 return Vec::new();
             }
             Some(_) => {
@@ -582,31 +716,52 @@ impl Parser<'_> {
         let kind = kind?;
         let needs_key = matches!(
             kind,
-            CredentialType::Openai | CredentialType::Anthropic | CredentialType::Bedrock | CredentialType::Gemini
+            CredentialType::Openai
+                | CredentialType::Anthropic
+                | CredentialType::Bedrock
+                | CredentialType::Gemini
         );
         if needs_key && api_key.is_none() {
-            self.error(join(f, "api_key"), format!("api_key is required for type {kind}"));
+            self.error(
+                join(f, "api_key"),
+                format!("api_key is required for type {kind}"),
+            );
         }
         if kind == CredentialType::VertexAi {
             if project_id.is_none() {
-                self.error(join(f, "project_id"), "project_id is required for type vertex-ai");
+                self.error(
+                    join(f, "project_id"),
+                    "project_id is required for type vertex-ai",
+                );
             }
             if location.is_none() {
-                self.error(join(f, "location"), "location is required for type vertex-ai");
+                self.error(
+                    join(f, "location"),
+                    "location is required for type vertex-ai",
+                );
             }
             if api_key.is_none() && credentials_file.is_none() && credentials_json.is_none() {
-                self.error(f, "vertex-ai needs one of api_key, credentials_file or credentials_json");
+                self.error(
+                    f,
+                    "vertex-ai needs one of api_key, credentials_file or credentials_json",
+                );
             }
             if let Some(file) = &credentials_file {
                 if !Path::new(file).is_file() {
-                    self.error(join(f, "credentials_file"), format!("file {file:?} does not exist"));
+                    self.error(
+                        join(f, "credentials_file"),
+                        format!("file {file:?} does not exist"),
+                    );
                 }
             }
         }
         let mock = match m.and_then(|m| m.get("mock")) {
             Some(v) if !v.is_null() && kind != CredentialType::Mock => {
                 let _ = v;
-                self.error(join(f, "mock"), "only a credential of type mock takes a `mock` section");
+                self.error(
+                    join(f, "mock"),
+                    "only a credential of type mock takes a `mock` section",
+                );
                 None
             }
             v if kind == CredentialType::Mock => Some(self.mock(v, &join(f, "mock"))),
@@ -628,7 +783,12 @@ impl Parser<'_> {
         })
     }
 
-    fn base_url(&mut self, m: Option<&Mapping>, f: &str, kind: Option<CredentialType>) -> Option<String> {
+    fn base_url(
+        &mut self,
+        m: Option<&Mapping>,
+        f: &str,
+        kind: Option<CredentialType>,
+    ) -> Option<String> {
         let field = join(f, "base_url");
         let Some(raw) = self.string(m, "base_url", f, true) else {
             if kind.is_some_and(|k| !matches!(k, CredentialType::VertexAi | CredentialType::Mock)) {
@@ -646,7 +806,13 @@ impl Parser<'_> {
         match uri.scheme_str() {
             Some("http") | Some("https") => {}
             other => {
-                self.error(field, format!("base_url must use http or https scheme, got: {}", other.unwrap_or("none")));
+                self.error(
+                    field,
+                    format!(
+                        "base_url must use http or https scheme, got: {}",
+                        other.unwrap_or("none")
+                    ),
+                );
                 return None;
             }
         }
@@ -667,12 +833,17 @@ impl Parser<'_> {
         let d = MockConfig::default();
         MockConfig {
             latency: self.duration(m, "latency", f, true).unwrap_or(d.latency),
-            chunk_interval: self.duration(m, "chunk_interval", f, true).unwrap_or(d.chunk_interval),
+            chunk_interval: self
+                .duration(m, "chunk_interval", f, true)
+                .unwrap_or(d.chunk_interval),
             chunks: match self.int(m, "chunks", f, true) {
                 None => d.chunks,
                 Some(n @ 1..=10_000) => n as u32,
                 Some(n) => {
-                    self.error(join(f, "chunks"), format!("invalid chunks: {n} (must be 1..10000)"));
+                    self.error(
+                        join(f, "chunks"),
+                        format!("invalid chunks: {n} (must be 1..10000)"),
+                    );
                     d.chunks
                 }
             },
@@ -686,7 +857,10 @@ impl Parser<'_> {
             None | Some(Value::Null) => return Vec::new(),
             Some(Value::Sequence(items)) => items,
             Some(_) => {
-                self.error("models", "must be a list of {name, model, credential, rpm, tpm}");
+                self.error(
+                    "models",
+                    "must be a list of {name, model, credential, rpm, tpm}",
+                );
                 return Vec::new();
             }
         };
@@ -711,13 +885,31 @@ impl Parser<'_> {
             };
             if let Some(c) = &credential {
                 if !credentials.iter().any(|cred| &cred.name == c) {
-                    self.warn(join(&f, "credential"), format!("no credential is named {c:?}; the entry binds nothing"));
+                    self.warn(
+                        join(&f, "credential"),
+                        format!("no credential is named {c:?}; the entry binds nothing"),
+                    );
                 }
             }
             if let Some(prev) = seen.insert((name.clone(), credential.clone()), i) {
-                self.error(&f, format!("duplicate entry for model {name:?}{} (also models[{prev}])", credential.as_ref().map(|c| format!(" and credential {c:?}")).unwrap_or_default()));
+                self.error(
+                    &f,
+                    format!(
+                        "duplicate entry for model {name:?}{} (also models[{prev}])",
+                        credential
+                            .as_ref()
+                            .map(|c| format!(" and credential {c:?}"))
+                            .unwrap_or_default()
+                    ),
+                );
             }
-            out.push(ModelConfig { name, model, credential, rpm, tpm });
+            out.push(ModelConfig {
+                name,
+                model,
+                credential,
+                rpm,
+                tpm,
+            });
         }
         out
     }
@@ -756,7 +948,10 @@ impl Parser<'_> {
             Some(var) => {
                 let value = (self.env)(var).unwrap_or_default();
                 if value.is_empty() {
-                    self.warn(field, format!("environment variable {var} is unset or empty"));
+                    self.warn(
+                        field,
+                        format!("environment variable {var} is unset or empty"),
+                    );
                 }
                 value
             }
@@ -885,7 +1080,12 @@ mod tests {
     #[test]
     fn warnings_for_unknown_keys_and_litellm() {
         let text = format!("{MINIMAL}litellm_db: {{enabled: true}}\nsurprise: 1\n");
-        let w: Vec<_> = parse(&text, &no_env).unwrap().warnings.into_iter().map(|p| p.field).collect();
+        let w: Vec<_> = parse(&text, &no_env)
+            .unwrap()
+            .warnings
+            .into_iter()
+            .map(|p| p.field)
+            .collect();
         assert!(w.contains(&"litellm_db".to_string()));
         assert!(w.contains(&"surprise".to_string()));
     }
@@ -904,8 +1104,12 @@ mod tests {
         let f = parse(&text, &no_env).unwrap().config.fail2ban.unwrap();
         assert_eq!(f.ban_duration, BanDuration::For(Duration::from_secs(60)));
         assert_eq!(f.error_codes, vec![500]);
-        assert_eq!(f.error_code_rules[0].ban_duration, Some(BanDuration::Permanent));
-        let dup = format!("{MINIMAL}fail2ban: {{error_code_rules: [{{code: 401}}, {{code: 401}}]}}\n");
+        assert_eq!(
+            f.error_code_rules[0].ban_duration,
+            Some(BanDuration::Permanent)
+        );
+        let dup =
+            format!("{MINIMAL}fail2ban: {{error_code_rules: [{{code: 401}}, {{code: 401}}]}}\n");
         assert_eq!(fields(&dup), vec!["fail2ban.error_code_rules[1].code"]);
     }
 

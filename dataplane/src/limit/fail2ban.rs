@@ -216,7 +216,10 @@ mod tests {
         b.record(fail(500), &p, now);
         b.record(fail(500), &p, now);
         b.record(fail(200), &p, now);
-        assert!(b.record(fail(500), &p, now).is_none(), "a success reset the count");
+        assert!(
+            b.record(fail(500), &p, now).is_none(),
+            "a success reset the count"
+        );
         b.record(fail(500), &p, now);
         assert!(b.record(fail(500), &p, now).is_some());
         assert!(b.active(now + Duration::from_secs(9)).is_some());
@@ -257,13 +260,19 @@ mod tests {
         let mut b = PairBans::default();
         assert!(b.record(fail(401), &p, now).is_none());
         assert!(b.record(fail(401), &p, now).is_none());
-        assert_eq!(b.record(fail(401), &p, now).unwrap().until, Some(now + Duration::from_secs(300)));
+        assert_eq!(
+            b.record(fail(401), &p, now).unwrap().until,
+            Some(now + Duration::from_secs(300))
+        );
         let mut b = PairBans::default();
         for _ in 0..10 {
             assert!(b.record(fail(500), &p, now).is_none());
         }
         let mut b = PairBans::default();
-        let policy_error = Outcome { counts: false, ..fail(401) };
+        let policy_error = Outcome {
+            counts: false,
+            ..fail(401)
+        };
         for _ in 0..5 {
             assert!(b.record(policy_error, &p, now).is_none());
         }

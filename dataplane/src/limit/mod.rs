@@ -62,7 +62,13 @@ pub trait Limits: Send + Sync + 'static {
     /// Charges tokens reported by the provider's `usage`.
     fn charge_tokens(&self, slot: SlotRef<'_>, tokens: u64, now: Instant);
     /// Feeds one attempt's outcome to fail2ban; returns the ban it caused.
-    fn record_outcome(&self, slot: SlotRef<'_>, outcome: Outcome, policy: &Policy, now: Instant) -> Option<Ban>;
+    fn record_outcome(
+        &self,
+        slot: SlotRef<'_>,
+        outcome: Outcome,
+        policy: &Policy,
+        now: Instant,
+    ) -> Option<Ban>;
 }
 
 /// The in-process backend: each replica enforces its own windows.
@@ -78,7 +84,13 @@ impl Limits for LocalLimits {
         slot.state.charge_tokens(slot.model, tokens, now)
     }
 
-    fn record_outcome(&self, slot: SlotRef<'_>, outcome: Outcome, policy: &Policy, now: Instant) -> Option<Ban> {
+    fn record_outcome(
+        &self,
+        slot: SlotRef<'_>,
+        outcome: Outcome,
+        policy: &Policy,
+        now: Instant,
+    ) -> Option<Ban> {
         slot.state.record_outcome(slot.model, outcome, policy, now)
     }
 }
@@ -163,7 +175,10 @@ impl CredState {
             }
         }
         let pair = inner.pair(model);
-        for (window, limit) in [(&mut pair.rpm, limits.model_rpm), (&mut pair.tpm, limits.model_tpm)] {
+        for (window, limit) in [
+            (&mut pair.rpm, limits.model_rpm),
+            (&mut pair.tpm, limits.model_tpm),
+        ] {
             if !window.has_room(now, limit.get()) {
                 full = true;
                 frees_at = later(frees_at, window.frees_at(limit.get().unwrap_or(0)));
@@ -188,7 +203,13 @@ impl CredState {
         inner.pair(model).tpm.add(now, tokens);
     }
 
-    pub fn record_outcome(&self, model: &str, outcome: Outcome, policy: &Policy, now: Instant) -> Option<Ban> {
+    pub fn record_outcome(
+        &self,
+        model: &str,
+        outcome: Outcome,
+        policy: &Policy,
+        now: Instant,
+    ) -> Option<Ban> {
         let mut inner = self.inner.lock();
         if (200..300).contains(&outcome.status) && !inner.pairs.contains_key(model) {
             return None; // nothing to reset
@@ -264,13 +285,25 @@ mod tests {
         let s = CredState::default();
         let t0 = Instant::now();
         for _ in 0..3 {
-            assert_eq!(s.admit("m", &limits(3, Limit::Unlimited), t0), Admission::Admitted);
+            assert_eq!(
+                s.admit("m", &limits(3, Limit::Unlimited), t0),
+                Admission::Admitted
+            );
         }
         assert_eq!(
-            s.admit("m", &limits(3, Limit::Unlimited), t0 + Duration::from_secs(1)),
-            Admission::Limited { frees_at: Some(t0 + WINDOW) }
+            s.admit(
+                "m",
+                &limits(3, Limit::Unlimited),
+                t0 + Duration::from_secs(1)
+            ),
+            Admission::Limited {
+                frees_at: Some(t0 + WINDOW)
+            }
         );
-        assert_eq!(s.admit("m", &limits(3, Limit::Unlimited), t0 + WINDOW), Admission::Admitted);
+        assert_eq!(
+            s.admit("m", &limits(3, Limit::Unlimited), t0 + WINDOW),
+            Admission::Admitted
+        );
     }
 
     #[test]
@@ -281,7 +314,11 @@ mod tests {
         assert_eq!(s.admit("m", &l, t0), Admission::Admitted);
         assert!(matches!(s.admit("m", &l, t0), Admission::Limited { .. }));
         assert_eq!(s.usage(t0).rpm, 1, "the refused request was not counted");
-        assert_eq!(s.admit("other", &l, t0), Admission::Admitted, "pairs are separate");
+        assert_eq!(
+            s.admit("other", &l, t0),
+            Admission::Admitted,
+            "pairs are separate"
+        );
     }
 
     #[test]

@@ -112,6 +112,10 @@ mod tests {
             w.add(t0 + Duration::from_micros(i), 1);
         }
         assert_eq!(w.events.len(), 1);
-        assert_eq!(w.sum(t0 + WINDOW), 100, "merged events expire no earlier than the last one");
+        assert_eq!(
+            w.sum(t0 + WINDOW),
+            100,
+            "merged events expire no earlier than the last one"
+        );
     }
 }
