@@ -18,6 +18,16 @@ pub enum ExhaustedReason {
     Unavailable,
 }
 
+impl ExhaustedReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExhaustedReason::RateLimited => "rate_limited",
+            ExhaustedReason::Banned => "banned",
+            ExhaustedReason::Unavailable => "unavailable",
+        }
+    }
+}
+
 /// How an upstream attempt failed without an HTTP response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TransportError {

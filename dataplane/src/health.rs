@@ -11,7 +11,15 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 use serde::Serialize;
 
-use crate::{body::RespBody, error::json_response, limit::CredUsage, proxy::App, runtime::Runtime};
+use crate::{
+    app::App,
+    body::RespBody,
+    config::CredentialType,
+    error::json_response,
+    limit::CredUsage,
+    remote::{RemoteHealth, RemoteStatus},
+    runtime::Runtime,
+};
 
 #[derive(Serialize)]
 struct Health<'a> {
@@ -35,6 +43,45 @@ struct CredentialHealth<'a> {
     limit_tpm: i64,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     banned_error_counts: BTreeMap<String, u32>,
+    /// Proxy credentials: what the remote router reported at the last sync.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remote: Option<RemoteHealthDoc>,
+}
+
+#[derive(Serialize)]
+struct RemoteHealthDoc {
+    reachable: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    synced_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credentials_available: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total_credentials: Option<u64>,
+    models: Vec<String>,
+    unavailable_models: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl RemoteHealthDoc {
+    fn new(s: &RemoteStatus) -> Self {
+        let mut unavailable: Vec<String> = s.unavailable_models.iter().cloned().collect();
+        unavailable.sort();
+        RemoteHealthDoc {
+            reachable: s.reachable,
+            synced_at: s
+                .synced_at
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            status: s.status.clone(),
+            credentials_available: s.credentials_available,
+            total_credentials: s.total_credentials,
+            models: s.models.iter().map(|m| m.id.clone()).collect(),
+            unavailable_models: unavailable,
+            error: s.error.clone(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -53,7 +100,7 @@ struct PairHealth<'a> {
 /// The upstream `/health` document (spec §9.1) with our fixes (§12.12): a credential counts as
 /// banned when any of its pairs is, as available when it is not banned, not at a credential
 /// limit and of a supported type; the status is 503 only when none is available.
-pub fn health(rt: &Runtime) -> Response<RespBody> {
+pub fn health(rt: &Runtime, remote: &RemoteHealth) -> Response<RespBody> {
     let now = Instant::now();
     let usages: Vec<CredUsage> = rt.credentials.iter().map(|c| c.state.usage(now)).collect();
     let mut credentials = BTreeMap::new();
@@ -82,6 +129,12 @@ pub fn health(rt: &Runtime) -> Response<RespBody> {
                 limit_rpm: cred.rpm.as_i64(),
                 limit_tpm: cred.tpm.as_i64(),
                 banned_error_counts: banned_counts,
+                remote: (cred.kind == CredentialType::Proxy).then(|| {
+                    remote
+                        .get(&cred.name)
+                        .map(|s| RemoteHealthDoc::new(&s))
+                        .unwrap_or_else(|| RemoteHealthDoc::new(&RemoteStatus::default()))
+                }),
             },
         );
     }
@@ -168,17 +221,47 @@ pub fn readiness(app: &App) -> Response<RespBody> {
     json_response(status, to_json(&doc))
 }
 
-/// `GET /v1/models`: every distinct `models[].name`, in config order.
-pub fn models(rt: &Runtime) -> Response<RespBody> {
-    let data: Vec<_> = rt
+/// `GET /v1/models`: every distinct `models[].name` in config order, then the models proxy
+/// remotes reported at the last sync (their `created`/`owned_by` kept), deduplicated by id.
+pub fn models(rt: &Runtime, remote: &RemoteHealth) -> Response<RespBody> {
+    let mut data: Vec<_> = rt
         .model_ids
         .iter()
         .map(|id| serde_json::json!({"id": id, "object": "model", "created": rt.loaded_at_unix, "owned_by": "system"}))
         .collect();
+    for m in remote.models() {
+        if rt.model_ids.contains(&m.id) {
+            continue;
+        }
+        let mut item = serde_json::json!({"id": m.id, "object": "model"});
+        if let Some(created) = m.created {
+            item["created"] = created.into();
+        }
+        if let Some(owner) = m.owned_by {
+            item["owned_by"] = owner.into();
+        }
+        data.push(item);
+    }
     json_response(
         StatusCode::OK,
         to_json(&serde_json::json!({"object": "list", "data": data})),
     )
+}
+
+/// `/vhealth`: a self-contained HTML dashboard of `/health` that refreshes itself.
+pub fn vhealth() -> Response<RespBody> {
+    let mut resp = Response::new(crate::body::full(Bytes::from_static(include_bytes!(
+        "vhealth.html"
+    ))));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    resp
 }
 
 fn to_json<T: Serialize>(v: &T) -> Bytes {

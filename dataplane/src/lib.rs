@@ -5,15 +5,22 @@
 //! Pipeline (one module each): [`config`] (the document) → [`runtime`] (compiled snapshot,
 //! swapped by [`store`]) → [`proxy`] (the request path: [`request`] probing and rewrites,
 //! [`select`] with [`limit`], [`upstream`] or [`mock`], [`stream`] accounting) → responses and
-//! [`error`]s; [`health`] views; [`server`] accepts connections.
+//! [`error`]s; [`health`] views and [`metrics`]; [`server`] accepts connections. [`app`] owns
+//! the one path by which a document becomes the running config ([`admin`] API, [`reload`] on
+//! SIGHUP or file change); [`remote`] syncs what chained routers report.
 
+pub mod admin;
+pub mod app;
 pub mod body;
 pub mod config;
 pub mod error;
 pub mod health;
 pub mod limit;
+pub mod metrics;
 pub mod mock;
 pub mod proxy;
+pub mod reload;
+pub mod remote;
 pub mod request;
 pub mod runtime;
 pub mod secret;

@@ -3,16 +3,13 @@
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,
-    sync::{atomic::AtomicBool, Arc},
 };
 
 use airouter::{
+    app::App,
     config::{ConfigError, Loaded, LogLevel, RouterConfig},
-    limit::LocalLimits,
-    proxy::{App, SHUTDOWN_GRACE},
-    server,
-    store::ConfigStore,
-    upstream,
+    reload,
+    server::{self, Role},
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info, warn};
@@ -175,7 +172,7 @@ fn run(path: &Path, log_format: LogFormat) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(loaded.config)) {
+    match runtime.block_on(serve(loaded.config, path.to_path_buf())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -184,37 +181,85 @@ fn run(path: &Path, log_format: LogFormat) -> ExitCode {
     }
 }
 
-async fn serve(config: RouterConfig) -> anyhow::Result<()> {
-    let (host, port) = (config.server.host.clone(), config.server.port);
-    let client = upstream::client(&config.server);
-    let app = Arc::new(App {
-        store: ConfigStore::new(config),
-        client,
-        limits: Arc::new(LocalLimits),
-        ready: AtomicBool::new(true),
-    });
-    let rt = app.store.current();
+async fn serve(config: RouterConfig, path: PathBuf) -> anyhow::Result<()> {
+    let server = config.server.clone();
+    let app = App::new(config, Some(path));
+    let rt = app.current();
     for cred in rt.unsupported_credentials() {
         warn!(credential = %cred.name, r#type = %cred.kind, "credential type has no adapter yet; it is never selected");
     }
-    let listener = server::bind(&host, port).await.map_err(|e| {
-        anyhow::anyhow!("cannot listen on {host}:{port} (server.host/server.port): {e}")
+    let listener = server::bind(&server.host, server.port).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {}:{} (server.host/server.port): {e}",
+            server.host,
+            server.port
+        )
     })?;
+    let admin = match server.admin_port {
+        Some(port) => Some(server::bind(&server.host, port).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {}:{port} (server.admin_port): {e}",
+                server.host
+            )
+        })?),
+        None => None,
+    };
     info!(
         address = %listener.local_addr()?,
+        admin = ?admin.as_ref().and_then(|l| l.local_addr().ok()),
         credentials = rt.credentials.len(),
         models = rt.model_ids.len(),
+        config_hash = %rt.hash,
         "airouter listening"
     );
     drop(rt);
-    let shutdown = {
+
+    let _watcher = reload::spawn(app.clone());
+    {
         let app = app.clone();
-        async move {
+        let remote = app.remote.clone();
+        let client = app.client.clone();
+        tokio::spawn(remote.run(move || app.current(), client));
+    }
+
+    // SIGTERM: readiness fails at once; both listeners keep serving for `shutdown_grace`
+    // (load balancers stop sending), then close and drain for up to `shutdown_timeout`.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    {
+        let app = app.clone();
+        tokio::spawn(async move {
             shutdown_signal().await;
             app.ready.store(false, std::sync::atomic::Ordering::Relaxed);
-        }
+            let grace = app.current().config.server.shutdown_grace;
+            info!(
+                grace_ms = grace.as_millis() as u64,
+                "readiness off; still serving during the grace period"
+            );
+            tokio::time::sleep(grace).await;
+            let _ = stop_tx.send(true);
+        });
+    }
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
     };
-    server::serve(listener, app, shutdown, SHUTDOWN_GRACE).await;
+    let timeout = server.shutdown_timeout;
+    let public = server::serve(
+        listener,
+        app.clone(),
+        Role::Public,
+        stopped(stop_rx.clone()),
+        timeout,
+    );
+    match admin {
+        Some(admin) => {
+            tokio::join!(
+                public,
+                server::serve(admin, app, Role::Admin, stopped(stop_rx), timeout)
+            );
+        }
+        None => public.await,
+    }
+    info!("airouter stopped");
     Ok(())
 }
 

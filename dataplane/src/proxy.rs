@@ -1,45 +1,43 @@
 //! The request pipeline: auth → body → model → route → select (reserves RPM) → forward →
-//! retry or answer → charge tokens and feed fail2ban.
+//! retry or answer → charge tokens, feed fail2ban, record metrics, write the access log.
 //!
 //! A retry moves to the next credential only while nothing has been sent to the client: the
 //! decision is made on the upstream's status line and (for non-streaming answers) its
 //! buffered body. Once a streaming response starts, it is the answer.
 
 use std::{
-    sync::{atomic::AtomicBool, Arc},
+    borrow::Cow,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use bytes::{Bytes, BytesMut};
-use http::{header, request::Parts, HeaderMap, Method, Request, Response, StatusCode};
+use http::{
+    header, request::Parts, HeaderMap, HeaderName, HeaderValue, Method, Request, Response,
+    StatusCode,
+};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tracing::{debug, info, warn};
 
 use crate::{
+    app::App,
     body::{full, BoxError, RespBody},
     config::CredentialType,
     error::{ExhaustedReason, ProxyError, TransportError},
     health,
-    limit::{fail2ban::Outcome, parse_retry_after, retry_after_secs, Limits, SlotRef},
-    mock,
+    limit::{fail2ban::Outcome, parse_retry_after, retry_after_secs, SlotRef},
+    metrics, mock,
     request::{self, Probe, Rewritten},
-    runtime::{Credential, Lookup, Runtime, Slot},
+    runtime::{Credential, Lookup, Route, Runtime, Slot, Tier},
     select::{select, Exhausted},
-    store::ConfigStore,
-    stream::{total_tokens, UsageTap},
-    upstream::{self, HttpClient, HOPS_HEADER},
+    stream::{usage, TokenUsage, UsageTap},
+    upstream::{self, HOPS_HEADER},
 };
 
-/// Everything a request handler shares.
-pub struct App {
-    pub store: ConfigStore,
-    pub client: HttpClient,
-    pub limits: Arc<dyn Limits>,
-    /// False once shutdown has begun: readiness probes fail so traffic drains away.
-    pub ready: AtomicBool,
-}
+/// Returned to the client and forwarded upstream; taken from the client when it sent one.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 const PROXIED_PATHS: &[&str] = &[
     "/v1/chat/completions",
@@ -49,31 +47,79 @@ const PROXIED_PATHS: &[&str] = &[
     "/v1/responses",
 ];
 
-/// Answers one request. Never fails: every error becomes a response.
+/// Answers one request on the public port. Never fails: every error becomes a response.
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<RespBody> {
-    let rt = app.store.current();
+    let rt = app.current();
     let path = req.uri().path();
     match path {
-        "/health" => health::health(&rt),
+        "/health" => health::health(&rt, &app.remote),
+        "/vhealth" => health::vhealth(),
         "/health/readiness" => health::readiness(&app),
-        "/v1/models" if req.method() == Method::GET => health::models(&rt),
+        "/metrics" if rt.config.monitoring.prometheus_enabled => metrics_response(&app, &rt),
+        "/v1/models" if req.method() == Method::GET => health::models(&rt, &app.remote),
         p if PROXIED_PATHS.contains(&p) => {
-            let started = Instant::now();
-            match proxy(&app, &rt, req).await {
+            let ctx = RequestCtx {
+                request_id: request_id(req.headers()),
+                started: Instant::now(),
+            };
+            let mut resp = match proxy(&app, &rt, req, &ctx).await {
                 Ok(resp) => resp,
                 Err(e) => {
-                    debug!(
+                    let status = e.status().as_u16();
+                    if let ProxyError::Exhausted { model, reason, .. } = &e {
+                        app.metrics.exhausted(model, reason.as_str());
+                    }
+                    info!(
+                        target: "airouter::access",
+                        request_id = ctx.id(),
+                        status,
                         reason = e.reason(),
-                        status = e.status().as_u16(),
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "refused"
+                        duration_ms = ctx.started.elapsed().as_millis() as u64,
+                        "request refused"
                     );
                     e.into_response()
                 }
-            }
+            };
+            resp.headers_mut().insert(REQUEST_ID, ctx.request_id);
+            resp
         }
         _ => ProxyError::NotFound.into_response(),
     }
+}
+
+pub fn metrics_response(app: &App, rt: &Runtime) -> Response<RespBody> {
+    let mut resp = Response::new(full(app.metrics.render(rt)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(metrics::CONTENT_TYPE),
+    );
+    resp
+}
+
+/// Per-request facts every step needs.
+struct RequestCtx {
+    request_id: HeaderValue,
+    started: Instant,
+}
+
+impl RequestCtx {
+    fn id(&self) -> &str {
+        self.request_id.to_str().unwrap_or("-")
+    }
+}
+
+/// The client's `x-request-id` when it is a sane token, else a new UUID.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(&REQUEST_ID)
+        .filter(|v| {
+            (1..=128).contains(&v.len()) && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+                .expect("a UUID is a valid header value")
+        })
 }
 
 /// How an attempt ended when it did not produce the answer.
@@ -84,14 +130,15 @@ enum Failure {
 }
 
 enum Attempt {
-    Answer(Response<RespBody>),
+    Answer(Response<RespBody>, Option<TokenUsage>),
     Retry(Failure),
 }
 
 /// What every attempt of one request shares.
 struct Forward<'a> {
-    app: &'a App,
+    app: &'a Arc<App>,
     rt: &'a Runtime,
+    ctx: &'a RequestCtx,
     parts: &'a Parts,
     path_and_query: &'a str,
     body: &'a Rewritten,
@@ -104,11 +151,11 @@ struct Forward<'a> {
 }
 
 async fn proxy(
-    app: &App,
+    app: &Arc<App>,
     rt: &Arc<Runtime>,
     req: Request<Incoming>,
+    ctx: &RequestCtx,
 ) -> Result<Response<RespBody>, ProxyError> {
-    let started = Instant::now();
     authorize(rt, req.headers())?;
     let hops = incoming_hops(req.headers());
     let max_hops = rt.config.server.max_hops;
@@ -122,15 +169,7 @@ async fn proxy(
     let body = read_body(&parts.headers, body, rt.config.server.max_body_size_mb).await?;
     let probe = Probe::read(&body).ok_or(ProxyError::ModelRequired)?;
     let model_id = rt.resolve_alias(&probe.model).to_owned();
-    let route = match rt.lookup(&model_id) {
-        Lookup::Route(route) => route,
-        Lookup::NotServed { unsupported } => {
-            return Err(ProxyError::ModelNotFound {
-                model: model_id,
-                unsupported: unsupported.into_iter().map(str::to_owned).collect(),
-            })
-        }
-    };
+    let route = resolve_route(app, rt, &model_id)?;
     let upstream_model = rt.real_name(&model_id).unwrap_or(&model_id).to_owned();
     let stream = probe.stream;
     let rewritten = request::rewrite(body.clone(), &probe, &upstream_model, &model_id);
@@ -144,6 +183,7 @@ async fn proxy(
     let fwd = Forward {
         app,
         rt,
+        ctx,
         parts: &parts,
         path_and_query,
         body: &rewritten,
@@ -160,49 +200,136 @@ async fn proxy(
     let mut last: Option<Failure> = None;
     for attempt in 0..attempts {
         let now = Instant::now();
-        let pick = match select(rt, route, &model_id, &cursor, &tried, &*app.limits, now) {
+        let pick = match select(
+            rt,
+            &route,
+            &model_id,
+            &cursor,
+            &tried,
+            &*app.limits,
+            &app.remote,
+            now,
+        ) {
             Ok(pick) => pick,
-            Err(exhausted) if attempt == 0 => return Err(exhaustion(&model_id, exhausted, now)),
-            Err(_) => break,
+            Err(exhausted) => {
+                fwd.count_skipped(&exhausted);
+                if attempt == 0 {
+                    return Err(exhaustion(&model_id, exhausted, now));
+                }
+                break;
+            }
         };
+        fwd.count_skipped(&pick.skipped);
+        if attempt > 0 {
+            app.metrics.retry(&model_id);
+        }
         tried.push(pick.slot.cred);
         let cred = &rt.credentials[pick.slot.cred];
-        match fwd.attempt(cred, pick.slot).await {
-            Attempt::Answer(resp) => {
-                info!(
-                    target: "airouter::access",
-                    model = %model_id,
-                    credential = %cred.name,
-                    status = resp.status().as_u16(),
-                    attempts = attempt + 1,
-                    stream,
-                    duration_ms = started.elapsed().as_millis() as u64,
-                    "request"
-                );
+        match fwd.attempt(cred, pick.slot, attempt + 1).await {
+            Attempt::Answer(resp, tokens) => {
+                if pick.tier == Tier::Fallback {
+                    app.metrics.fallback(&model_id);
+                }
+                let status = resp.status().as_u16();
+                app.metrics
+                    .request_done(&model_id, &cred.name, status, ctx.started.elapsed());
+                // A stream logs its line when it ends, with its tokens.
+                if tokens.is_some() || !is_streaming(resp.headers()) {
+                    access_log(
+                        ctx,
+                        &model_id,
+                        &cred.name,
+                        status,
+                        attempt + 1,
+                        stream,
+                        tokens.unwrap_or_default(),
+                        ctx.started.elapsed(),
+                    );
+                }
                 return Ok(resp);
             }
             Attempt::Retry(failure) => last = Some(failure),
         }
     }
-    let answer = match last {
-        Some(Failure::Response(resp)) => Ok(resp),
+    let last_cred = tried
+        .last()
+        .map(|&i| &*rt.credentials[i].name)
+        .unwrap_or("-");
+    match last {
+        Some(Failure::Response(resp)) => {
+            let status = resp.status().as_u16();
+            app.metrics
+                .request_done(&model_id, last_cred, status, ctx.started.elapsed());
+            access_log(
+                ctx,
+                &model_id,
+                last_cred,
+                status,
+                tried.len() as u32,
+                stream,
+                TokenUsage::default(),
+                ctx.started.elapsed(),
+            );
+            Ok(resp)
+        }
         Some(Failure::Transport(t)) => Err(ProxyError::Upstream(t)),
         None => Err(ProxyError::Exhausted {
             model: model_id.clone(),
             reason: ExhaustedReason::Unavailable,
             retry_after: None,
         }),
-    };
+    }
+}
+
+/// The credentials that serve `model_id`: its `models[]` route, or — for a model no entry
+/// names — the open route plus proxies whose remote lists the model.
+fn resolve_route<'r>(
+    app: &App,
+    rt: &'r Runtime,
+    model_id: &str,
+) -> Result<Cow<'r, Route>, ProxyError> {
+    if !rt.has_static_route(model_id) {
+        let serving = app.remote.credentials_serving(model_id);
+        if !serving.is_empty() {
+            if let Some(route) = rt.route_with_remotes(&serving) {
+                return Ok(Cow::Owned(route));
+            }
+        }
+    }
+    match rt.lookup(model_id) {
+        Lookup::Route(route) => Ok(Cow::Borrowed(route)),
+        Lookup::NotServed { unsupported } => Err(ProxyError::ModelNotFound {
+            model: model_id.to_owned(),
+            unsupported: unsupported.into_iter().map(str::to_owned).collect(),
+        }),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn access_log(
+    ctx: &RequestCtx,
+    model: &str,
+    credential: &str,
+    status: u16,
+    attempts: u32,
+    stream: bool,
+    tokens: TokenUsage,
+    duration: Duration,
+) {
     info!(
         target: "airouter::access",
-        model = %model_id,
-        status = answer.as_ref().map(|r| r.status().as_u16()).unwrap_or_else(|e| e.status().as_u16()),
-        attempts = tried.len(),
+        request_id = ctx.id(),
+        model,
+        credential,
+        status,
+        attempts,
         stream,
-        duration_ms = started.elapsed().as_millis() as u64,
-        "request failed on every attempt"
+        prompt_tokens = tokens.prompt,
+        completion_tokens = tokens.completion,
+        total_tokens = tokens.total,
+        duration_ms = duration.as_millis() as u64,
+        "request"
     );
-    answer
 }
 
 impl Forward<'_> {
@@ -215,7 +342,21 @@ impl Forward<'_> {
         }
     }
 
-    fn record(&self, cred: &Credential, slot: &Slot, outcome: Outcome) {
+    fn count_skipped(&self, e: &Exhausted) {
+        let m = &self.app.metrics;
+        m.rejected("banned", e.banned);
+        m.rejected("rate_limit", e.rate_limited);
+        m.rejected("remote_unavailable", e.remote_refused);
+    }
+
+    fn record(&self, cred: &Credential, slot: &Slot, outcome: Outcome, ttfb: Duration) {
+        self.app.metrics.upstream_attempt(
+            &cred.name,
+            self.parts.uri.path(),
+            outcome.status,
+            self.ctx.started.elapsed(),
+            ttfb,
+        );
         let ban = self.app.limits.record_outcome(
             self.slot_ref(cred, slot),
             outcome,
@@ -223,7 +364,9 @@ impl Forward<'_> {
             Instant::now(),
         );
         if let Some(ban) = ban {
+            self.app.metrics.ban(&cred.name, self.model_id, ban.code);
             warn!(
+                request_id = self.ctx.id(),
                 credential = %cred.name,
                 model = %self.model_id,
                 code = ban.code,
@@ -234,7 +377,13 @@ impl Forward<'_> {
         }
     }
 
-    fn transport_failure(&self, cred: &Credential, slot: &Slot, error: TransportError) -> Attempt {
+    fn transport_failure(
+        &self,
+        cred: &Credential,
+        slot: &Slot,
+        error: TransportError,
+        sent: Instant,
+    ) -> Attempt {
         let status = match error {
             TransportError::Timeout => 408,
             TransportError::Connect | TransportError::Body => 502,
@@ -247,12 +396,14 @@ impl Forward<'_> {
                 retry_after: None,
                 counts: true,
             },
+            sent.elapsed(),
         );
         Attempt::Retry(Failure::Transport(error))
     }
 
-    async fn attempt(&self, cred: &Credential, slot: &Slot) -> Attempt {
+    async fn attempt(&self, cred: &Credential, slot: &Slot, attempt_no: u32) -> Attempt {
         let timeout = self.rt.config.server.request_timeout;
+        let sent = Instant::now();
         let resp = match (&cred.kind, &cred.mock) {
             (CredentialType::Mock, Some(cfg)) => {
                 let req = mock::MockRequest {
@@ -271,32 +422,33 @@ impl Forward<'_> {
                     &self.parts.headers,
                     self.body.body.clone(),
                     self.hops,
+                    &self.ctx.request_id,
                 ) {
                     Ok(req) => req,
                     Err(e) => {
-                        warn!(credential = %cred.name, error = %e, "cannot build the upstream request");
-                        return self.transport_failure(cred, slot, TransportError::Connect);
+                        warn!(request_id = self.ctx.id(), credential = %cred.name, error = %e, "cannot build the upstream request");
+                        return self.transport_failure(cred, slot, TransportError::Connect, sent);
                     }
                 };
-                let sent = self.app.client.request(req);
+                let call = self.app.client.request(req);
                 let result = match timeout {
-                    Some(t) => tokio::time::timeout(t, sent).await,
-                    None => Ok(sent.await),
+                    Some(t) => tokio::time::timeout(t, call).await,
+                    None => Ok(call.await),
                 };
                 match result {
                     Err(_) => {
-                        warn!(credential = %cred.name, "upstream did not answer within request_timeout");
-                        return self.transport_failure(cred, slot, TransportError::Timeout);
+                        warn!(request_id = self.ctx.id(), credential = %cred.name, "upstream did not answer within request_timeout");
+                        return self.transport_failure(cred, slot, TransportError::Timeout, sent);
                     }
                     Ok(Err(e)) => {
-                        warn!(credential = %cred.name, error = %e, "upstream request failed");
-                        return self.transport_failure(cred, slot, TransportError::Connect);
+                        warn!(request_id = self.ctx.id(), credential = %cred.name, error = %e, "upstream request failed");
+                        return self.transport_failure(cred, slot, TransportError::Connect, sent);
                     }
                     Ok(Ok(resp)) => upstream::into_client_response(resp),
                 }
             }
         };
-
+        let ttfb = sent.elapsed();
         let status = resp.status();
         if is_streaming(resp.headers()) {
             // The answer, whatever its status: bytes are about to reach the client.
@@ -308,8 +460,9 @@ impl Forward<'_> {
                     retry_after: None,
                     counts: !status.is_success(),
                 },
+                ttfb,
             );
-            return Attempt::Answer(self.tap_stream(cred, slot, resp));
+            return Attempt::Answer(self.tap_stream(cred, slot, resp, attempt_no), None);
         }
 
         let (parts, body) = resp.into_parts();
@@ -326,10 +479,10 @@ impl Forward<'_> {
         let bytes = match collected {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(e)) => {
-                warn!(credential = %cred.name, error = %e, "upstream response body failed");
-                return self.transport_failure(cred, slot, TransportError::Body);
+                warn!(request_id = self.ctx.id(), credential = %cred.name, error = %e, "upstream response body failed");
+                return self.transport_failure(cred, slot, TransportError::Body, sent);
             }
-            Err(t) => return self.transport_failure(cred, slot, t),
+            Err(t) => return self.transport_failure(cred, slot, t, sent),
         };
         let benign = is_request_specific_error(&bytes);
         let retry_after = parts
@@ -345,59 +498,77 @@ impl Forward<'_> {
                 retry_after,
                 counts: !benign,
             },
+            ttfb,
         );
+        let mut tokens = TokenUsage::default();
         if status.is_success() {
-            if let Some(tokens) = total_tokens(&bytes) {
+            if let Some(u) = usage(&bytes) {
                 self.app
                     .limits
-                    .charge_tokens(self.slot_ref(cred, slot), tokens, Instant::now());
+                    .charge_tokens(self.slot_ref(cred, slot), u.total, Instant::now());
+                self.app.metrics.tokens(&cred.name, self.model_id, &u);
+                tokens = u;
             }
         }
         let resp = Response::from_parts(parts, full(bytes));
         if is_retryable(status) && !benign {
-            debug!(credential = %cred.name, status = status.as_u16(), "retryable upstream answer");
+            debug!(request_id = self.ctx.id(), credential = %cred.name, status = status.as_u16(), "retryable upstream answer");
             Attempt::Retry(Failure::Response(resp))
         } else {
-            Attempt::Answer(resp)
+            Attempt::Answer(resp, Some(tokens))
         }
     }
 
-    /// Wraps a streaming body so its usage is charged when it ends, and the usage chunk the
-    /// router asked for is removed unless the client asked too.
+    /// Wraps a streaming body so its usage is charged (and the access line written) when it
+    /// ends, and the usage chunk the router asked for is removed unless the client asked too.
     fn tap_stream(
         &self,
         cred: &Credential,
         slot: &Slot,
         resp: Response<RespBody>,
+        attempt_no: u32,
     ) -> Response<RespBody> {
         let sse = resp
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.contains("text/event-stream"));
-        if !sse {
-            return resp;
-        }
         let (mut parts, body) = resp.into_parts();
         parts.headers.remove(header::CONTENT_LENGTH);
-        let limits = self.app.limits.clone();
+        let app = self.app.clone();
         let state = cred.state.clone();
         let name = cred.name.clone();
         let model: Arc<str> = Arc::from(self.model_id);
         let slot_limits = self.rt.slot_limits(slot);
-        let on_done = Box::new(move |tokens: u64| {
-            debug!(credential = %name, model = %model, tokens, "stream finished");
-            if tokens > 0 {
+        let status = parts.status.as_u16();
+        let ctx = RequestCtx {
+            request_id: self.ctx.request_id.clone(),
+            started: self.ctx.started,
+        };
+        let on_done = Box::new(move |tokens: TokenUsage| {
+            if tokens.total > 0 {
                 let slot = SlotRef {
                     credential: &name,
                     state: &state,
                     model: &model,
                     limits: slot_limits,
                 };
-                limits.charge_tokens(slot, tokens, Instant::now());
+                app.limits.charge_tokens(slot, tokens.total, Instant::now());
+                app.metrics.tokens(&name, &model, &tokens);
             }
+            access_log(
+                &ctx,
+                &model,
+                &name,
+                status,
+                attempt_no,
+                true,
+                tokens,
+                ctx.started.elapsed(),
+            );
         });
-        let tap = UsageTap::new(body, self.body.injected_usage, on_done);
+        let strip = sse && self.body.injected_usage;
+        let tap = UsageTap::new(body, strip, sse, on_done);
         Response::from_parts(parts, tap.boxed_unsync())
     }
 }
@@ -471,9 +642,9 @@ async fn read_body(
 }
 
 fn exhaustion(model: &str, e: Exhausted, now: Instant) -> ProxyError {
-    let reason = match (e.rate_limited, e.banned) {
-        (r, 0) if r > 0 => ExhaustedReason::RateLimited,
-        (0, b) if b > 0 => ExhaustedReason::Banned,
+    let reason = match (e.rate_limited, e.banned, e.remote_refused) {
+        (r, 0, 0) if r > 0 => ExhaustedReason::RateLimited,
+        (0, b, 0) if b > 0 => ExhaustedReason::Banned,
         _ => ExhaustedReason::Unavailable,
     };
     ProxyError::Exhausted {
@@ -520,9 +691,6 @@ fn is_request_specific_error(body: &[u8]) -> bool {
         .any(|m| lower.windows(m.len()).any(|w| w == m.as_bytes()))
 }
 
-/// How long a graceful shutdown waits for in-flight requests.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -534,5 +702,15 @@ mod tests {
         ));
         assert!(is_request_specific_error(b"blocked by Content Policy"));
         assert!(!is_request_specific_error(b"rate limit exceeded"));
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_made() {
+        let mut h = HeaderMap::new();
+        assert_eq!(request_id(&h).len(), 36);
+        h.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        h.insert(REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&h), "has space");
     }
 }

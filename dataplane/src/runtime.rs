@@ -153,6 +153,8 @@ pub struct Runtime {
     pub policy: Policy,
     pub master_key: Secret,
     pub loaded_at_unix: u64,
+    /// [`RouterConfig::hash`] of `config`.
+    pub hash: String,
     registry: Arc<Registry>,
 }
 
@@ -263,6 +265,7 @@ impl Runtime {
         }
         let policy = Policy::compile(config.fail2ban.as_ref());
         let master_key = config.server.master_key.clone();
+        let hash = config.hash();
         Runtime {
             credentials,
             by_name,
@@ -277,9 +280,48 @@ impl Runtime {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            hash,
             registry,
             config,
         }
+    }
+
+    /// Whether a `models[]` entry names this model id.
+    pub fn has_static_route(&self, model_id: &str) -> bool {
+        self.routes.contains_key(model_id)
+    }
+
+    pub fn credential(&self, name: &str) -> Option<&Credential> {
+        self.by_name.get(name).map(|&i| &self.credentials[i])
+    }
+
+    /// A route for a model no `models[]` entry names but proxy remotes serve: the open route
+    /// plus those proxies (pair limits: `default_models_rpm`).
+    pub fn route_with_remotes(&self, remote_serving: &[String]) -> Option<Route> {
+        let mut route = self.open_route.clone();
+        for name in remote_serving {
+            let Some(&i) = self.by_name.get(name.as_str()) else {
+                continue;
+            };
+            let cred = &self.credentials[i];
+            let tier = if cred.is_fallback {
+                Tier::Fallback
+            } else {
+                Tier::Primary
+            };
+            if route.tiers[tier as usize].iter().any(|s| s.cred == i) {
+                continue;
+            }
+            route.tiers[tier as usize].push(Slot {
+                cred: i,
+                model_rpm: self.config.server.default_models_rpm,
+                model_tpm: Limit::Unlimited,
+            });
+        }
+        for tier in &mut route.tiers {
+            tier.sort_by_key(|s| s.cred);
+        }
+        (!route.is_empty()).then_some(route)
     }
 
     /// The model id used for routing: the alias target if `model` is an alias (one lookup,

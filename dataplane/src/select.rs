@@ -6,7 +6,9 @@
 use std::time::Instant;
 
 use crate::{
+    config::CredentialType,
     limit::{Admission, Limits, SlotRef},
+    remote::RemoteHealth,
     runtime::{Cursor, Route, Runtime, Slot, Tier},
 };
 
@@ -15,6 +17,8 @@ use crate::{
 pub struct Pick<'r> {
     pub slot: &'r Slot,
     pub tier: Tier,
+    /// The candidates passed over on the way, for metrics.
+    pub skipped: Exhausted,
 }
 
 /// Why nothing could be picked.
@@ -24,11 +28,14 @@ pub struct Exhausted {
     pub rate_limited: usize,
     /// Candidates skipped for a ban.
     pub banned: usize,
+    /// Proxy candidates whose remote reported the model unavailable at the last sync.
+    pub remote_refused: usize,
     /// The earliest moment one of them frees up, if any will.
     pub frees_at: Option<Instant>,
 }
 
 /// Picks the next credential for `model_id` that is not in `tried`, admitting it.
+#[allow(clippy::too_many_arguments)]
 pub fn select<'r>(
     rt: &'r Runtime,
     route: &'r Route,
@@ -36,6 +43,7 @@ pub fn select<'r>(
     cursor: &Cursor,
     tried: &[usize],
     limits: &dyn Limits,
+    remote: &RemoteHealth,
     now: Instant,
 ) -> Result<Pick<'r>, Exhausted> {
     let mut exhausted = Exhausted::default();
@@ -53,6 +61,10 @@ pub fn select<'r>(
                 continue;
             }
             let cred = &rt.credentials[slot.cred];
+            if cred.kind == CredentialType::Proxy && remote.refuses(&cred.name, model_id) {
+                exhausted.remote_refused += 1;
+                continue;
+            }
             let admission = limits.admit(
                 SlotRef {
                     credential: &cred.name,
@@ -65,7 +77,11 @@ pub fn select<'r>(
             let frees_at = match admission {
                 Admission::Admitted => {
                     cursor.advance_past(tier, position);
-                    return Ok(Pick { slot, tier });
+                    return Ok(Pick {
+                        slot,
+                        tier,
+                        skipped: exhausted,
+                    });
                 }
                 Admission::Banned { until } => {
                     exhausted.banned += 1;
@@ -96,6 +112,7 @@ mod tests {
             fail2ban::{Outcome, Policy},
             LocalLimits,
         },
+        remote::RemoteStatus,
         runtime::{Lookup, Registry},
     };
 
@@ -111,12 +128,21 @@ mod tests {
         let cursor = rt.cursor(model);
         let now = Instant::now();
         (0..n)
-            .map(
-                |_| match select(rt, route, model, &cursor, &[], &LocalLimits, now) {
+            .map(|_| {
+                match select(
+                    rt,
+                    route,
+                    model,
+                    &cursor,
+                    &[],
+                    &LocalLimits,
+                    &RemoteHealth::default(),
+                    now,
+                ) {
                     Ok(p) => rt.credentials[p.slot.cred].name.to_string(),
                     Err(_) => "-".to_string(),
-                },
-            )
+                }
+            })
             .collect()
     }
 
@@ -156,6 +182,7 @@ mod tests {
             &rt.cursor("m"),
             &[],
             &LocalLimits,
+            &RemoteHealth::default(),
             Instant::now(),
         )
         .unwrap_err();
@@ -184,7 +211,49 @@ mod tests {
         let Lookup::Route(route) = rt.lookup("m") else {
             panic!()
         };
-        let pick = select(&rt, route, "m", &rt.cursor("m"), &[1, 2], &LocalLimits, now).unwrap();
+        let pick = select(
+            &rt,
+            route,
+            "m",
+            &rt.cursor("m"),
+            &[1, 2],
+            &LocalLimits,
+            &RemoteHealth::default(),
+            now,
+        )
+        .unwrap();
         assert_eq!(pick.tier, Tier::Fallback);
+    }
+
+    #[test]
+    fn proxies_whose_remote_refuses_the_model_are_skipped() {
+        let rt = runtime(THREE);
+        let remote = RemoteHealth::default();
+        let refusing = RemoteStatus {
+            reachable: true,
+            credentials_available: Some(0),
+            ..Default::default()
+        };
+        remote.publish(
+            [("f1".to_string(), Arc::new(refusing))]
+                .into_iter()
+                .collect(),
+        );
+        let Lookup::Route(route) = rt.lookup("m") else {
+            panic!()
+        };
+        let pick = select(
+            &rt,
+            route,
+            "m",
+            &rt.cursor("m"),
+            &[0, 1, 2],
+            &LocalLimits,
+            &remote,
+            Instant::now(),
+        )
+        .unwrap();
+        assert_eq!(&*rt.credentials[pick.slot.cred].name, "f2");
+        assert_eq!(pick.skipped.remote_refused, 1);
     }
 }

@@ -15,15 +15,14 @@ use hyper_util::{
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
-use crate::{
-    body::RespBody,
-    proxy::{self, App},
-};
+use crate::{admin, app::App, body::RespBody, proxy};
 
-/// Serves until `shutdown` resolves, then drains connections for at most `grace`.
+/// Serves until `shutdown` resolves, then drains connections for at most `grace`: idle
+/// keep-alive connections are closed, in-flight requests and streams run to their end.
 pub async fn serve(
     listener: TcpListener,
     app: Arc<App>,
+    role: Role,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
@@ -49,7 +48,7 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = Service(app.clone());
+                let service = Service { app: app.clone(), role };
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
@@ -62,7 +61,7 @@ pub async fn serve(
         }
     }
     drop(listener);
-    info!("shutting down: draining in-flight requests");
+    info!(listener = ?role, "listener closed: draining in-flight requests");
     tokio::select! {
         () = graceful.shutdown() => info!("all connections closed"),
         () = tokio::time::sleep(grace) => warn!(grace_seconds = grace.as_secs(), "grace period over; closing remaining connections"),
@@ -79,8 +78,18 @@ pub async fn bind(host: &str, port: u16) -> std::io::Result<TcpListener> {
 
 /// The per-connection service. A named type with a boxed future (rather than `service_fn`)
 /// so the future's `Send` bound is checked once, here.
+/// Which API a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Public,
+    Admin,
+}
+
 #[derive(Clone)]
-struct Service(Arc<App>);
+struct Service {
+    app: Arc<App>,
+    role: Role,
+}
 
 impl hyper::service::Service<Request<Incoming>> for Service {
     type Response = Response<RespBody>;
@@ -88,7 +97,10 @@ impl hyper::service::Service<Request<Incoming>> for Service {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let app = self.0.clone();
-        Box::pin(async move { Ok(proxy::handle(app, req).await) })
+        let app = self.app.clone();
+        match self.role {
+            Role::Public => Box::pin(async move { Ok(proxy::handle(app, req).await) }),
+            Role::Admin => Box::pin(async move { Ok(admin::handle(app, req).await) }),
+        }
     }
 }

@@ -36,8 +36,29 @@ impl ConfigStore {
     }
 
     /// Compiles `config` and makes it current; returns the new runtime.
+    ///
+    /// A credential whose key or endpoint changed keeps its windows (the quota is the
+    /// provider's) but loses its bans: they were earned by the old key.
     pub fn apply(&self, config: RouterConfig) -> Arc<Runtime> {
+        let previous = self.current();
         let runtime = Arc::new(Runtime::compile(config, self.registry.clone()));
+        for cred in &runtime.config.credentials {
+            let rotated = previous
+                .config
+                .credentials
+                .iter()
+                .find(|old| old.name == cred.name)
+                .is_some_and(|old| {
+                    old.api_key != cred.api_key
+                        || old.base_url != cred.base_url
+                        || old.kind != cred.kind
+                });
+            if rotated {
+                if let Some(c) = runtime.credential(&cred.name) {
+                    c.state.clear_bans();
+                }
+            }
+        }
         self.current.store(runtime.clone());
         self.registry.retain_credentials(&runtime);
         runtime

@@ -34,22 +34,44 @@ struct ResponseUsage {
 #[derive(Deserialize)]
 struct Usage {
     total_tokens: Option<u64>,
+    #[serde(alias = "input_tokens")]
+    prompt_tokens: Option<u64>,
+    #[serde(alias = "output_tokens")]
+    completion_tokens: Option<u64>,
 }
 
-/// `usage.total_tokens` (or `response.usage.total_tokens`, Responses API) of a JSON body.
-pub fn total_tokens(json: &[u8]) -> Option<u64> {
+/// Tokens a provider reported. Only `total` is charged to TPM (as upstream).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenUsage {
+    pub prompt: u64,
+    pub completion: u64,
+    pub total: u64,
+}
+
+impl Usage {
+    fn tokens(&self) -> Option<TokenUsage> {
+        let total = self.total_tokens.filter(|&t| t > 0)?;
+        Some(TokenUsage {
+            prompt: self.prompt_tokens.unwrap_or(0),
+            completion: self.completion_tokens.unwrap_or(0),
+            total,
+        })
+    }
+}
+
+/// `usage` (or `response.usage`, Responses API) of a JSON body, when it reports tokens.
+pub fn usage(json: &[u8]) -> Option<TokenUsage> {
     let chunk: UsageChunk = serde_json::from_slice(json).ok()?;
     chunk
         .usage
         .or(chunk.response.and_then(|r| r.usage))
-        .and_then(|u| u.total_tokens)
-        .filter(|&t| t > 0)
+        .and_then(|u| u.tokens())
 }
 
 /// What one SSE event is, for accounting.
 #[derive(Debug, PartialEq, Eq)]
 struct EventInfo {
-    tokens: Option<u64>,
+    tokens: Option<TokenUsage>,
     /// Carries usage and no choices: the chunk `include_usage` adds.
     usage_only: bool,
 }
@@ -73,24 +95,27 @@ fn inspect_event(event: &[u8]) -> EventInfo {
             continue;
         };
         let choices_empty = chunk.choices.as_ref().is_none_or(Vec::is_empty);
-        if let Some(t) = chunk
-            .usage
-            .as_ref()
-            .and_then(|u| u.total_tokens)
-            .or_else(|| {
-                chunk
-                    .response
-                    .as_ref()
-                    .and_then(|r| r.usage.as_ref())
-                    .and_then(|u| u.total_tokens)
-            })
-            .filter(|&t| t > 0)
-        {
-            info.tokens = Some(info.tokens.unwrap_or(0).max(t));
+        if let Some(t) = chunk.usage.as_ref().and_then(Usage::tokens).or_else(|| {
+            chunk
+                .response
+                .as_ref()
+                .and_then(|r| r.usage.as_ref())
+                .and_then(Usage::tokens)
+        }) {
+            info.tokens = Some(max_usage(info.tokens.unwrap_or_default(), t));
             info.usage_only |= chunk.usage.is_some() && choices_empty && chunk.response.is_none();
         }
     }
     info
+}
+
+/// Some providers repeat cumulative usage in every chunk: keep the largest, never the sum.
+fn max_usage(a: TokenUsage, b: TokenUsage) -> TokenUsage {
+    if b.total >= a.total {
+        b
+    } else {
+        a
+    }
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -113,16 +138,18 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// Called once with the tokens a stream reported, when it ends or is dropped.
-pub type OnDone = Box<dyn FnOnce(u64) + Send>;
+pub type OnDone = Box<dyn FnOnce(TokenUsage) + Send>;
 
 pin_project_lite::pin_project! {
     pub struct UsageTap {
         #[pin]
         inner: RespBody,
         strip: bool,
+        // False for streams that are not SSE: bytes pass untouched and unscanned.
+        scan: bool,
         // Strip mode: bytes of the event not yet complete. Pass mode: a copy for scanning.
         pending: BytesMut,
-        tokens: u64,
+        tokens: TokenUsage,
         on_done: Option<OnDone>,
     }
 
@@ -137,13 +164,15 @@ pin_project_lite::pin_project! {
 }
 
 impl UsageTap {
-    /// `strip`: remove the usage-only event (the router injected `include_usage`).
-    pub fn new(inner: RespBody, strip: bool, on_done: OnDone) -> Self {
+    /// `strip`: remove the usage-only event (the router injected `include_usage`); `scan`:
+    /// the body is SSE (otherwise it is passed on untouched).
+    pub fn new(inner: RespBody, strip: bool, scan: bool, on_done: OnDone) -> Self {
         Self {
             inner,
-            strip,
+            strip: strip && scan,
+            scan,
             pending: BytesMut::new(),
-            tokens: 0,
+            tokens: TokenUsage::default(),
             on_done: Some(on_done),
         }
     }
@@ -169,13 +198,16 @@ impl Body for UsageTap {
                         Ok(data) => data,
                         Err(frame) => return Poll::Ready(Some(Ok(frame))),
                     };
+                    if !*this.scan {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
                     this.pending.extend_from_slice(&data);
                     let mut out = BytesMut::new();
                     while let Some(end) = event_end(this.pending) {
                         let event = this.pending.split_to(end);
                         let info = inspect_event(&event);
                         if let Some(t) = info.tokens {
-                            *this.tokens = (*this.tokens).max(t);
+                            *this.tokens = max_usage(*this.tokens, t);
                         }
                         if *this.strip && !(info.usage_only) {
                             out.extend_from_slice(&event);
@@ -242,7 +274,8 @@ mod tests {
         let tap = UsageTap::new(
             inner,
             strip,
-            Box::new(move |t| s.store(t, Ordering::SeqCst)),
+            true,
+            Box::new(move |t: TokenUsage| s.store(t.total, Ordering::SeqCst)),
         );
         let bytes = tap.collect().await.unwrap().to_bytes();
         (
@@ -274,13 +307,17 @@ mod tests {
     }
 
     #[test]
-    fn total_tokens_of_bodies() {
-        assert_eq!(total_tokens(br#"{"usage":{"total_tokens":30}}"#), Some(30));
+    fn usage_of_bodies() {
+        let total = |b: &[u8]| usage(b).map(|u| u.total);
+        assert_eq!(total(br#"{"usage":{"total_tokens":30}}"#), Some(30));
         assert_eq!(
-            total_tokens(br#"{"response":{"usage":{"total_tokens":3}}}"#),
+            total(br#"{"response":{"usage":{"total_tokens":3}}}"#),
             Some(3)
         );
-        assert_eq!(total_tokens(br#"{"usage":{"total_tokens":0}}"#), None);
-        assert_eq!(total_tokens(b"nope"), None);
+        assert_eq!(total(br#"{"usage":{"total_tokens":0}}"#), None);
+        assert_eq!(total(b"nope"), None);
+        let u = usage(br#"{"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#)
+            .unwrap();
+        assert_eq!((u.prompt, u.completion, u.total), (5, 7, 12));
     }
 }

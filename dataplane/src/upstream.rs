@@ -111,6 +111,7 @@ pub fn build(
     client_headers: &HeaderMap,
     body: Bytes,
     hops: u32,
+    request_id: &HeaderValue,
 ) -> Result<Request<Full<Bytes>>, http::Error> {
     let mut req = Request::builder()
         .method(method.clone())
@@ -129,6 +130,7 @@ pub fn build(
     if cred.kind == CredentialType::Proxy {
         headers.insert(HOPS_HEADER, HeaderValue::from(hops + 1));
     }
+    headers.insert(HeaderName::from_static("x-request-id"), request_id.clone());
     Ok(req)
 }
 
@@ -203,8 +205,10 @@ mod tests {
             &h,
             Bytes::new(),
             2,
+            &HeaderValue::from_static("rid"),
         )
         .unwrap();
+        assert_eq!(req.headers()["x-request-id"], "rid");
         assert!(req.headers().get(header::AUTHORIZATION).is_none());
         assert_eq!(req.headers()["x-custom"], "1");
         assert_eq!(req.headers()[HOPS_HEADER], "3");

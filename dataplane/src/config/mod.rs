@@ -87,6 +87,22 @@ pub struct ServerConfig {
     pub model_prices_link: String,
     /// Ours: how many routers a request may already have passed before this one refuses it.
     pub max_hops: u32,
+    /// Ours: the admin API port (`PUT /admin/config`, `/admin/state`); `None`: no admin API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_port: Option<u16>,
+    /// Ours: the bearer token the admin API requires (required with `admin_port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<Secret>,
+    /// Ours: how often proxy credentials' remote `/health` and `/v1/models` are read.
+    #[serde(serialize_with = "ser_duration")]
+    pub health_sync_interval: Duration,
+    /// Ours: after SIGTERM, how long readiness is false while new connections are still
+    /// served (so load balancers stop sending before the listener closes).
+    #[serde(serialize_with = "ser_duration")]
+    pub shutdown_grace: Duration,
+    /// Ours: after the grace, how long in-flight requests and streams may take to finish.
+    #[serde(serialize_with = "ser_duration")]
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -307,6 +323,15 @@ impl RouterConfig {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Loaded, ConfigError> {
         parse::parse(text, env)
+    }
+
+    /// A stable content hash of the document (16 hex digits of SHA-256 over the canonical
+    /// rendering): equal configs hash equal whatever their key order, comments or env
+    /// indirection. The operator reports the same value in `RouterPool.status.configHash`.
+    pub fn hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(self.to_yaml().as_bytes());
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Renders the document in the file format; [`RouterConfig::from_yaml`] reads it back to

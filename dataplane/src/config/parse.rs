@@ -42,6 +42,11 @@ const SERVER_KEYS: &[&str] = &[
     "max_provider_retries",
     "model_prices_link",
     "max_hops",
+    "admin_port",
+    "admin_token",
+    "health_sync_interval",
+    "shutdown_grace",
+    "shutdown_timeout",
 ];
 const CREDENTIAL_KEYS: &[&str] = &[
     "name",
@@ -451,6 +456,42 @@ impl Parser<'_> {
                 5
             }
         };
+        let admin_port = match self.int(m, "admin_port", f, true) {
+            None => None,
+            Some(p @ 1..=65535) if p as u16 == port => {
+                self.error("server.admin_port", format!("admin_port {p} must differ from port (the admin API never shares the public listener)"));
+                None
+            }
+            Some(p @ 1..=65535) => Some(p as u16),
+            Some(p) => {
+                self.error(
+                    "server.admin_port",
+                    format!("invalid admin_port: {p} (must be 1..65535)"),
+                );
+                None
+            }
+        };
+        let admin_token = self.string(m, "admin_token", f, true).map(Secret::new);
+        if admin_port.is_some() && admin_token.is_none() {
+            self.error("server.admin_token", "admin_token is required when admin_port is set (the admin API accepts config pushes)");
+        }
+        let health_sync_interval = match self.duration(m, "health_sync_interval", f, true) {
+            None => Duration::from_secs(30),
+            Some(d) if d >= Duration::from_millis(100) => d,
+            Some(_) => {
+                self.error(
+                    "server.health_sync_interval",
+                    "health_sync_interval must be at least 100ms",
+                );
+                Duration::from_secs(30)
+            }
+        };
+        let shutdown_grace = self
+            .duration(m, "shutdown_grace", f, true)
+            .unwrap_or(Duration::from_secs(5));
+        let shutdown_timeout = self
+            .duration(m, "shutdown_timeout", f, true)
+            .unwrap_or(Duration::from_secs(30));
         Some(ServerConfig {
             host,
             port,
@@ -468,6 +509,11 @@ impl Parser<'_> {
             max_provider_retries,
             model_prices_link,
             max_hops,
+            admin_port,
+            admin_token,
+            health_sync_interval,
+            shutdown_grace,
+            shutdown_timeout,
         })
     }
 
@@ -1111,6 +1157,28 @@ mod tests {
         let dup =
             format!("{MINIMAL}fail2ban: {{error_code_rules: [{{code: 401}}, {{code: 401}}]}}\n");
         assert_eq!(fields(&dup), vec!["fail2ban.error_code_rules[1].code"]);
+    }
+
+    #[test]
+    fn admin_port_needs_a_token_and_its_own_port() {
+        let got = fields("server: {master_key: k, port: 9000, admin_port: 9000}\ncredentials: [{name: a, type: mock}]\n");
+        assert_eq!(got, vec!["server.admin_port"]);
+        let got = fields(
+            "server: {master_key: k, admin_port: 9001}\ncredentials: [{name: a, type: mock}]\n",
+        );
+        assert_eq!(got, vec!["server.admin_token"]);
+    }
+
+    #[test]
+    fn hash_ignores_spelling() {
+        let a = parse(MINIMAL, &no_env).unwrap().config;
+        let b = parse("credentials: [{base_url: 'http://h', api_key: x, type: openai, name: a}]\nserver: {master_key: k, port: 8080}\n", &no_env).unwrap().config;
+        assert_eq!(a.hash(), b.hash());
+        assert_eq!(a.hash().len(), 16);
+        let c = parse(&MINIMAL.replace("api_key: x", "api_key: y"), &no_env)
+            .unwrap()
+            .config;
+        assert_ne!(a.hash(), c.hash(), "a rotated key is a new config");
     }
 
     #[test]

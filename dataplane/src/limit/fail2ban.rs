@@ -111,14 +111,22 @@ pub struct PairBans {
 }
 
 impl PairBans {
-    /// The active ban, lifting an expired one (and its counters) first.
-    pub fn active(&mut self, now: Instant) -> Option<&Ban> {
-        if let Some(ban) = &self.ban {
-            if ban.until.is_some_and(|until| now >= until) {
-                self.ban = None;
-                self.strikes.clear();
-            }
+    /// Lifts an expired ban and its counters; true if it did.
+    pub fn lift_expired(&mut self, now: Instant) -> bool {
+        let expired = self
+            .ban
+            .as_ref()
+            .is_some_and(|ban| ban.until.is_some_and(|until| now >= until));
+        if expired {
+            self.ban = None;
+            self.strikes.clear();
         }
+        expired
+    }
+
+    /// The active ban, lifting an expired one first.
+    pub fn active(&mut self, now: Instant) -> Option<&Ban> {
+        self.lift_expired(now);
         self.ban.as_ref()
     }
 

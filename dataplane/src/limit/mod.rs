@@ -111,7 +111,12 @@ struct CredInner {
     rpm: Window,
     tpm: Window,
     pairs: HashMap<Arc<str>, PairState>,
+    /// Models whose ban expired since the last [`CredState::take_unbans`] (for metrics).
+    unbans: Vec<Arc<str>>,
 }
+
+/// Expired bans remembered for metrics while nobody scrapes.
+const MAX_UNBAN_EVENTS: usize = 1024;
 
 #[derive(Debug, Default)]
 struct PairState {
@@ -162,8 +167,13 @@ impl CredState {
         let mut inner = self.inner.lock();
         let inner = &mut *inner;
         if let Some(pair) = inner.pairs.get_mut(model) {
-            if let Some(ban) = pair.bans.active(now) {
+            let lifted = pair.bans.lift_expired(now);
+            if let Some(ban) = &pair.bans.ban {
                 return Admission::Banned { until: ban.until };
+            }
+            if lifted && inner.unbans.len() < MAX_UNBAN_EVENTS {
+                let key = inner.pairs.get_key_value(model).map(|(k, _)| k.clone());
+                inner.unbans.extend(key);
             }
         }
         let mut frees_at: Option<Instant> = None;
@@ -215,6 +225,11 @@ impl CredState {
             return None; // nothing to reset
         }
         inner.pair(model).bans.record(outcome, policy, now)
+    }
+
+    /// Models whose ban expired since the last call.
+    pub fn take_unbans(&self) -> Vec<Arc<str>> {
+        std::mem::take(&mut self.inner.lock().unbans)
     }
 
     /// Lifts every ban and strike (the key behind the credential changed).

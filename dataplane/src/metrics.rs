@@ -1,0 +1,446 @@
+//! Prometheus metrics: the upstream `auto_ai_router_*` names (spec §9.4), each really updated,
+//! plus our `airouter_*` ones. Built on `prometheus-client` (the Prometheus project's Rust
+//! client); exposed in the OpenMetrics text format, which Prometheus scrapes natively.
+//!
+//! Gauges of live state (RPM/TPM in use, bans) are computed from the limiter state at scrape
+//! time rather than on a timer, so a scrape never shows stale numbers.
+
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::runtime::Runtime;
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredEndpointStatus {
+    pub credential: String,
+    pub endpoint: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredEndpoint {
+    pub credential: String,
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredLabel {
+    pub credential: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredModel {
+    pub credential: String,
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredModelCode {
+    pub credential: String,
+    pub model: String,
+    pub error_code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelCredStatus {
+    pub model: String,
+    pub credential: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub credential: String,
+    pub model: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelReason {
+    pub model: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub source: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HashLabel {
+    pub hash: String,
+}
+
+fn upstream_buckets() -> Histogram {
+    Histogram::new([1.0, 10.0, 30.0, 60.0, 120.0, 240.0, 600.0])
+}
+
+fn latency_buckets() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 120.0, 300.0,
+    ])
+}
+
+/// Every metric the data plane exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Serialises scrapes: gauges are refilled from state, then encoded.
+    scrape: Mutex<()>,
+    requests: Family<CredEndpointStatus, Counter>,
+    requests_duration: HistogramFamily<CredEndpoint>,
+    credential_errors: Family<CredLabel, Counter>,
+    credential_rpm: Family<CredLabel, Gauge>,
+    credential_tpm: Family<CredLabel, Gauge>,
+    model_rpm: Family<CredModel, Gauge>,
+    model_tpm: Family<CredModel, Gauge>,
+    selection_rejected: Family<ReasonLabel, Counter>,
+    ban_events: Family<CredModelCode, Counter>,
+    unban_events: Family<CredModel, Counter>,
+    credential_banned: Family<CredLabel, Gauge>,
+    request_duration: HistogramFamily<ModelCredStatus>,
+    upstream_ttfb: HistogramFamily<CredLabel>,
+    tokens: Family<TokenLabels, Counter>,
+    retries: Family<ModelLabel, Counter>,
+    fallbacks: Family<ModelLabel, Counter>,
+    exhausted: Family<ModelReason, Counter>,
+    bans: Family<CredModelCode, Counter>,
+    config_reloads: Family<ReloadLabels, Counter>,
+    config_info: Family<HashLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            scrape: Mutex::new(()),
+            requests: Family::default(),
+            requests_duration: Family::new_with_constructor(upstream_buckets),
+            credential_errors: Family::default(),
+            credential_rpm: Family::default(),
+            credential_tpm: Family::default(),
+            model_rpm: Family::default(),
+            model_tpm: Family::default(),
+            selection_rejected: Family::default(),
+            ban_events: Family::default(),
+            unban_events: Family::default(),
+            credential_banned: Family::default(),
+            request_duration: Family::new_with_constructor(latency_buckets),
+            upstream_ttfb: Family::new_with_constructor(latency_buckets),
+            tokens: Family::default(),
+            retries: Family::default(),
+            fallbacks: Family::default(),
+            exhausted: Family::default(),
+            bans: Family::default(),
+            config_reloads: Family::default(),
+            config_info: Family::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "auto_ai_router_requests",
+            "Upstream attempts by credential, endpoint and status",
+            m.requests.clone(),
+        );
+        r.register(
+            "auto_ai_router_requests_duration_seconds",
+            "Time from client request start to upstream response headers",
+            m.requests_duration.clone(),
+        );
+        r.register(
+            "auto_ai_router_credential_errors",
+            "Upstream attempts that did not answer 200",
+            m.credential_errors.clone(),
+        );
+        r.register(
+            "auto_ai_router_credential_rpm_current",
+            "Requests in the credential's 60 s window",
+            m.credential_rpm.clone(),
+        );
+        r.register(
+            "auto_ai_router_credential_tpm_current",
+            "Tokens in the credential's 60 s window",
+            m.credential_tpm.clone(),
+        );
+        r.register(
+            "auto_ai_router_model_rpm_current",
+            "Requests in the (credential, model) 60 s window",
+            m.model_rpm.clone(),
+        );
+        r.register(
+            "auto_ai_router_model_tpm_current",
+            "Tokens in the (credential, model) 60 s window",
+            m.model_tpm.clone(),
+        );
+        r.register(
+            "auto_ai_router_credential_selection_rejected",
+            "Candidates skipped during selection, by reason",
+            m.selection_rejected.clone(),
+        );
+        r.register(
+            "auto_ai_router_credential_ban_events",
+            "Pairs banned by fail2ban",
+            m.ban_events.clone(),
+        );
+        r.register(
+            "auto_ai_router_credential_unban_events",
+            "Pair bans that expired",
+            m.unban_events.clone(),
+        );
+        r.register(
+            "auto_ai_router_credential_banned",
+            "1 when any model of the credential is banned",
+            m.credential_banned.clone(),
+        );
+        r.register(
+            "airouter_request_duration_seconds",
+            "Client request duration until the response head, by model, credential and status",
+            m.request_duration.clone(),
+        );
+        r.register(
+            "airouter_upstream_ttfb_seconds",
+            "Upstream time to first byte (response headers)",
+            m.upstream_ttfb.clone(),
+        );
+        r.register(
+            "airouter_tokens",
+            "Tokens reported by providers' usage, by kind",
+            m.tokens.clone(),
+        );
+        r.register(
+            "airouter_retries",
+            "Attempts after the first within one request",
+            m.retries.clone(),
+        );
+        r.register(
+            "airouter_fallbacks",
+            "Requests served by a fallback credential",
+            m.fallbacks.clone(),
+        );
+        r.register(
+            "airouter_exhausted",
+            "Requests answered 503 because every credential was exhausted",
+            m.exhausted.clone(),
+        );
+        r.register("airouter_bans", "Pairs banned by fail2ban", m.bans.clone());
+        r.register(
+            "airouter_config_reloads",
+            "Config applications by source and result",
+            m.config_reloads.clone(),
+        );
+        r.register(
+            "airouter_config_info",
+            "The running config's content hash (value 1)",
+            m.config_info.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// One upstream attempt (spec §9.4 semantics: every attempt, including retries).
+    pub fn upstream_attempt(
+        &self,
+        credential: &str,
+        endpoint: &str,
+        status: u16,
+        since_request_start: Duration,
+        ttfb: Duration,
+    ) {
+        let credential = credential.to_owned();
+        let endpoint = endpoint.to_owned();
+        self.requests
+            .get_or_create(&CredEndpointStatus {
+                credential: credential.clone(),
+                endpoint: endpoint.clone(),
+                status: status.to_string(),
+            })
+            .inc();
+        self.requests_duration
+            .get_or_create(&CredEndpoint {
+                credential: credential.clone(),
+                endpoint,
+            })
+            .observe(since_request_start.as_secs_f64());
+        self.upstream_ttfb
+            .get_or_create(&CredLabel {
+                credential: credential.clone(),
+            })
+            .observe(ttfb.as_secs_f64());
+        if status != 200 {
+            self.credential_errors
+                .get_or_create(&CredLabel { credential })
+                .inc();
+        }
+    }
+
+    pub fn request_done(&self, model: &str, credential: &str, status: u16, duration: Duration) {
+        self.request_duration
+            .get_or_create(&ModelCredStatus {
+                model: model.to_owned(),
+                credential: credential.to_owned(),
+                status: status.to_string(),
+            })
+            .observe(duration.as_secs_f64());
+    }
+
+    pub fn tokens(&self, credential: &str, model: &str, usage: &crate::stream::TokenUsage) {
+        for (kind, n) in [
+            ("prompt", usage.prompt),
+            ("completion", usage.completion),
+            ("total", usage.total),
+        ] {
+            if n > 0 {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        credential: credential.to_owned(),
+                        model: model.to_owned(),
+                        kind: kind.to_owned(),
+                    })
+                    .inc_by(n);
+            }
+        }
+    }
+
+    pub fn rejected(&self, reason: &str, n: usize) {
+        if n > 0 {
+            self.selection_rejected
+                .get_or_create(&ReasonLabel {
+                    reason: reason.to_owned(),
+                })
+                .inc_by(n as u64);
+        }
+    }
+
+    pub fn retry(&self, model: &str) {
+        self.retries
+            .get_or_create(&ModelLabel {
+                model: model.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn fallback(&self, model: &str) {
+        self.fallbacks
+            .get_or_create(&ModelLabel {
+                model: model.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn exhausted(&self, model: &str, reason: &str) {
+        self.exhausted
+            .get_or_create(&ModelReason {
+                model: model.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn ban(&self, credential: &str, model: &str, code: u16) {
+        let labels = CredModelCode {
+            credential: credential.to_owned(),
+            model: model.to_owned(),
+            error_code: code.to_string(),
+        };
+        self.ban_events.get_or_create(&labels).inc();
+        self.bans.get_or_create(&labels).inc();
+    }
+
+    pub fn unban(&self, credential: &str, model: &str) {
+        self.unban_events
+            .get_or_create(&CredModel {
+                credential: credential.to_owned(),
+                model: model.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn config_applied(&self, source: &str, ok: bool, hash: Option<&str>) {
+        self.config_reloads
+            .get_or_create(&ReloadLabels {
+                source: source.to_owned(),
+                result: if ok { "success" } else { "failure" }.to_owned(),
+            })
+            .inc();
+        if let Some(hash) = hash {
+            self.config_info.clear();
+            self.config_info
+                .get_or_create(&HashLabel {
+                    hash: hash.to_owned(),
+                })
+                .set(1);
+        }
+    }
+
+    /// Refreshes state gauges from `rt` and encodes everything.
+    pub fn render(&self, rt: &Runtime) -> String {
+        let _guard = self.scrape.lock();
+        let now = Instant::now();
+        for family in [
+            &self.credential_rpm,
+            &self.credential_tpm,
+            &self.credential_banned,
+        ] {
+            family.clear();
+        }
+        self.model_rpm.clear();
+        self.model_tpm.clear();
+        for cred in &rt.credentials {
+            let usage = cred.state.usage(now);
+            for model in cred.state.take_unbans() {
+                self.unban(&cred.name, &model);
+            }
+            let label = CredLabel {
+                credential: cred.name.to_string(),
+            };
+            self.credential_rpm
+                .get_or_create(&label)
+                .set(usage.rpm as i64);
+            self.credential_tpm
+                .get_or_create(&label)
+                .set(usage.tpm as i64);
+            let banned = usage.pairs.iter().any(|p| p.ban.is_some());
+            self.credential_banned
+                .get_or_create(&label)
+                .set(i64::from(banned));
+            for pair in &usage.pairs {
+                let label = CredModel {
+                    credential: cred.name.to_string(),
+                    model: pair.model.clone(),
+                };
+                self.model_rpm.get_or_create(&label).set(pair.rpm as i64);
+                self.model_tpm.get_or_create(&label).set(pair.tpm as i64);
+            }
+        }
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

@@ -1,0 +1,77 @@
+//! The config file as a source of changes: SIGHUP and file-system events both re-read it and
+//! go through [`App::reload_file`] (validate everything, then one swap).
+//!
+//! The directory is watched rather than the file, because Kubernetes updates a mounted Secret
+//! by swapping a `..data` symlink: the file's own inode never changes, but its directory sees
+//! the swap. Events are debounced, and an unchanged document (same hash) is a no-op.
+
+use std::{sync::Arc, time::Duration};
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::app::App;
+
+/// Events closer together than this are one change (editors write in several steps).
+const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// Starts the SIGHUP handler and the file watcher. The returned watcher must be kept alive.
+pub fn spawn(app: Arc<App>) -> Option<notify::RecommendedWatcher> {
+    let path = app.config_path.clone()?;
+    {
+        let app = app.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                warn!("cannot listen for SIGHUP; reload by file change or the admin API");
+                return;
+            };
+            while hup.recv().await.is_some() {
+                info!("SIGHUP: re-reading the config file");
+                let _ = app.reload_file("sighup");
+            }
+        });
+    }
+    let dir = path
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                p
+            }
+        })?
+        .to_path_buf();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut watcher = match notify::recommended_watcher(
+        move |event: notify::Result<notify::Event>| {
+            if event.is_ok() {
+                let _ = tx.send(());
+            }
+        },
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            warn!(error = %e, "cannot watch the config file; reload with SIGHUP or the admin API");
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        warn!(error = %e, dir = %dir.display(), "cannot watch the config directory; reload with SIGHUP or the admin API");
+        return None;
+    }
+    tokio::spawn(async move {
+        while rx.recv().await.is_some() {
+            tokio::time::sleep(DEBOUNCE).await;
+            while rx.try_recv().is_ok() {}
+            debug!("config directory changed");
+            if let Ok(applied) = app.reload_file("file") {
+                if applied.changed {
+                    info!(hash = %applied.hash, "config file change applied");
+                }
+            }
+        }
+    });
+    Some(watcher)
+}
