@@ -3,7 +3,8 @@
 //!
 //! The directory is watched rather than the file, because Kubernetes updates a mounted Secret
 //! by swapping a `..data` symlink: the file's own inode never changes, but its directory sees
-//! the swap. Events are debounced, and an unchanged document (same hash) is a no-op.
+//! the swap. Events are debounced; only a change of the file's content is applied, and an
+//! unchanged document (same hash) is a no-op. SIGHUP always re-applies the file.
 
 use std::{sync::Arc, time::Duration};
 
@@ -61,11 +62,19 @@ pub fn spawn(app: Arc<App>) -> Option<notify::RecommendedWatcher> {
         warn!(error = %e, dir = %dir.display(), "cannot watch the config directory; reload with SIGHUP or the admin API");
         return None;
     }
+    // Only a change of the file's own content re-applies it: an event for another file in
+    // the directory must not revert a config pushed through the admin API since.
+    let mut last_text = std::fs::read_to_string(&path).ok();
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
             tokio::time::sleep(DEBOUNCE).await;
             while rx.try_recv().is_ok() {}
-            debug!("config directory changed");
+            let text = std::fs::read_to_string(&path).ok();
+            if text.is_none() || text == last_text {
+                continue;
+            }
+            debug!("config file content changed");
+            last_text = text;
             if let Ok(applied) = app.reload_file("file") {
                 if applied.changed {
                     info!(hash = %applied.hash, "config file change applied");
