@@ -62,6 +62,19 @@ else
     touch "$VENV/.ready"
 fi
 
+section "Chromium (renders the /vhealth dashboard in tests/sdk)"
+if command -v chromium >/dev/null 2>&1; then
+    chromium --version 2>/dev/null || true
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's chromium"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    chromium --version 2>/dev/null || true
+else
+    echo "error: chromium is missing; install Debian's chromium package" >&2
+    exit 1
+fi
+
 section "Python SDK tests (pytest)"
 export PYTHONDONTWRITEBYTECODE=1
 AIROUTER_BIN="${CARGO_TARGET_DIR:-target}/debug/airouter" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/sdk
