@@ -291,6 +291,13 @@ async fn secrets_never_appear_in_logs() {
 
     router.shutdown();
     let logs = router.logs();
+    if std::env::var_os("AIROUTER_IT_DUMP_LOGS").is_some() {
+        eprintln!("{logs}");
+    }
+    assert!(
+        logs.lines().count() >= 5,
+        "expected logs at RUST_LOG=debug for the scan to mean something:\n{logs}"
+    );
     for secret in secrets {
         assert!(
             !logs.contains(secret),

@@ -277,6 +277,58 @@ async fn retry_next_credential_on_connection_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_next_credential_on_401_and_403() {
+    let mock = MockUpstream::start().await;
+    let url = mock.url();
+    let yaml = server_yaml(2, &[])
+        + &creds_yaml(&[
+            cred("c1", "openai", "sk-c1", &url, &[]),
+            cred("c2", "openai", "sk-c2", &url, &[]),
+            cred("c3", "openai", "sk-c3", &url, &[]),
+        ]);
+    let router = Router::start(&yaml).await;
+
+    mock.push(Reply::error(401, "invalid key"));
+    mock.push(Reply::error(403, "forbidden"));
+    assert_eq!(router.chat_status("gpt-4o").await, 200);
+    assert_eq!(mock.bearers(), vec!["sk-c1", "sk-c2", "sk-c3"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_attempt_reserves_rpm() {
+    let mock = MockUpstream::start().await;
+    let url = mock.url();
+    let yaml = server_yaml(1, &[])
+        + &creds_yaml(&[
+            cred("c1", "openai", "sk-c1", &url, &["rpm: 1"]),
+            cred("c2", "openai", "sk-c2", &url, &["rpm: 10"]),
+        ]);
+    let router = Router::start(&yaml).await;
+
+    mock.push(Reply::error(500, "internal"));
+    assert_eq!(router.chat_status("gpt-4o").await, 200);
+    let (_, h) = router.health().await;
+    assert_eq!(h["credentials"]["c1"]["current_rpm"], json!(1), "{h}");
+    assert_eq!(h["credentials"]["c2"]["current_rpm"], json!(1), "{h}");
+    // c1's only request of the minute went to the failed attempt.
+    assert_eq!(router.chat_status("gpt-4o").await, 200);
+    assert_eq!(mock.bearers(), vec!["sk-c1", "sk-c2", "sk-c2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_attempt_transport_error_gives_502() {
+    let mock = MockUpstream::start().await;
+    let router = Router::start(&two_creds(1, &mock.url(), &dead_url())).await;
+
+    mock.push(Reply::error(500, "internal"));
+    let resp = router.chat("gpt-4o").await;
+    assert_eq!(resp.status().as_u16(), 502);
+    let v: Value = resp.json().await.expect("JSON error body");
+    assert!(v["error"]["message"].is_string(), "{v}");
+    assert_eq!(mock.bearers(), vec!["sk-c1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_on_hangup_then_fallback() {
     let mock = MockUpstream::start().await;
     let yaml = server_yaml(1, &[])

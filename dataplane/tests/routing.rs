@@ -358,6 +358,19 @@ async fn proxy_upstream_sees_incremented_hops() {
         Some("Bearer sk-p1")
     );
     assert_eq!(keyless.count(), 0);
+
+    // max_hops defaults to 5.
+    let resp = router
+        .client()
+        .post(router.url("/v1/chat/completions"))
+        .bearer_auth(MASTER_KEY)
+        .header("x-airouter-hops", "5")
+        .json(&chat_body("gpt-4o"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 508);
+    assert_eq!(mock.count(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

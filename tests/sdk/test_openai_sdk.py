@@ -127,12 +127,14 @@ class RouterProcess:
         return False
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 1 s (the router's graceful shutdown keeps
+        serving for a grace period; the tests need not wait for it)."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=5)
+                self.proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)

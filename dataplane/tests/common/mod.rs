@@ -332,7 +332,7 @@ impl Router {
         false
     }
 
-    /// Ask the child to stop (SIGTERM, bounded wait), then SIGKILL.
+    /// Ask the child to stop (SIGTERM, at most 1 s), then SIGKILL.
     pub fn shutdown(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
@@ -341,8 +341,8 @@ impl Router {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
-            let deadline = Instant::now() + Duration::from_secs(3);
-            for _ in 0..150 {
+            let deadline = Instant::now() + Duration::from_secs(1);
+            for _ in 0..50 {
                 if matches!(child.try_wait(), Ok(Some(_))) || Instant::now() >= deadline {
                     break;
                 }
@@ -789,6 +789,10 @@ struct MockState {
 }
 
 /// Scriptable OpenAI-compatible upstream on 127.0.0.1:<ephemeral>.
+///
+/// Scripted replies (`push`, then `set_default`, else `honour`) answer the
+/// API calls (any method but GET); GET requests always get a 404 and are left
+/// out of [`Self::requests`] / [`Self::count`] / [`Self::bearers`].
 pub struct MockUpstream {
     addr: SocketAddr,
     state: Arc<MockState>,
@@ -842,12 +846,27 @@ impl MockUpstream {
         self.state.inner.lock().default = Some(reply);
     }
 
+    /// The API calls received (every method but GET), in arrival order.
     pub fn requests(&self) -> Vec<Recorded> {
+        self.state
+            .inner
+            .lock()
+            .requests
+            .iter()
+            .filter(|r| r.method != "GET")
+            .cloned()
+            .collect()
+    }
+
+    /// Everything received, GETs included (e.g. a router's sync of a proxy's
+    /// `/health` and `/v1/models`).
+    pub fn all_requests(&self) -> Vec<Recorded> {
         self.state.inner.lock().requests.clone()
     }
 
+    /// Number of API calls received (GETs excluded, see [`Self::requests`]).
     pub fn count(&self) -> usize {
-        self.state.inner.lock().requests.len()
+        self.requests().len()
     }
 
     /// Bearer tokens of the requests received so far, in arrival order.
@@ -881,7 +900,10 @@ impl MockUpstream {
 
     /// Wait (bounded) until at least `n` requests were received.
     pub async fn wait_requests(&self, n: usize, timeout: Duration) -> bool {
-        self.wait_until(timeout, |i| i.requests.len() >= n).await
+        self.wait_until(timeout, |i| {
+            i.requests.iter().filter(|r| r.method != "GET").count() >= n
+        })
+        .await
     }
 
     /// Wait (bounded) until a stream's reader went away.
@@ -978,13 +1000,24 @@ async fn handle(
         headers: parts.headers,
         body,
     };
+    let is_get = rec.method == "GET";
     let scripted = {
         let mut inner = state.inner.lock();
         inner.requests.push(rec.clone());
-        inner.queue.pop_front().or_else(|| inner.default.clone())
+        if is_get {
+            None
+        } else {
+            inner.queue.pop_front().or_else(|| inner.default.clone())
+        }
     };
     state.notify.notify_waiters();
-    let mut reply = scripted.unwrap_or_else(|| honour(&rec));
+    let mut reply = if is_get {
+        // Not an API call (e.g. a router syncing a proxy's /health or
+        // /v1/models): this plain provider has no such documents.
+        Reply::error(404, "not found")
+    } else {
+        scripted.unwrap_or_else(|| honour(&rec))
+    };
     for _ in 0..16 {
         match reply {
             Reply::Delay(d, inner) => {
