@@ -5,9 +5,13 @@
 //! Gauges of live state (RPM/TPM in use, bans) are computed from the limiter state at scrape
 //! time rather than on a timer, so a scrape never shows stale numbers.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -101,9 +105,30 @@ fn latency_buckets() -> Histogram {
     ])
 }
 
+/// Handles of one (credential, endpoint, status) attempt series, so the hot path neither
+/// allocates label strings nor hashes them with the family's lock held.
+#[derive(Clone)]
+struct AttemptHandles {
+    requests: Counter,
+    duration: Histogram,
+    ttfb: Histogram,
+    errors: Option<Counter>,
+}
+
+/// (credential, endpoint, status).
+type AttemptKey = (Arc<str>, &'static str, u16);
+type ModelSeries = HashMap<Box<str>, Histogram>;
+
+/// Distinct (model, credential, status) series of `airouter_request_duration_seconds` kept
+/// before new model ids are labelled `other`.
+const MAX_MODEL_LABELS: usize = 1024;
+
 /// Every metric the data plane exports.
 pub struct Metrics {
     registry: Registry,
+    attempts: RwLock<HashMap<AttemptKey, AttemptHandles>>,
+    /// (credential, status) → model id → series.
+    done: RwLock<HashMap<(Arc<str>, u16), ModelSeries>>,
     /// Serialises scrapes: gauges are refilled from state, then encoded.
     scrape: Mutex<()>,
     requests: Family<CredEndpointStatus, Counter>,
@@ -138,6 +163,8 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let m = Metrics {
+            attempts: RwLock::default(),
+            done: RwLock::default(),
             scrape: Mutex::new(()),
             requests: Family::default(),
             requests_duration: Family::new_with_constructor(upstream_buckets),
@@ -264,47 +291,68 @@ impl Metrics {
     /// One upstream attempt (spec §9.4 semantics: every attempt, including retries).
     pub fn upstream_attempt(
         &self,
-        credential: &str,
-        endpoint: &str,
+        credential: &Arc<str>,
+        endpoint: &'static str,
         status: u16,
         since_request_start: Duration,
         ttfb: Duration,
     ) {
-        let credential = credential.to_owned();
-        let endpoint = endpoint.to_owned();
-        self.requests
-            .get_or_create(&CredEndpointStatus {
-                credential: credential.clone(),
-                endpoint: endpoint.clone(),
-                status: status.to_string(),
-            })
-            .inc();
-        self.requests_duration
-            .get_or_create(&CredEndpoint {
-                credential: credential.clone(),
-                endpoint,
-            })
-            .observe(since_request_start.as_secs_f64());
-        self.upstream_ttfb
-            .get_or_create(&CredLabel {
-                credential: credential.clone(),
-            })
-            .observe(ttfb.as_secs_f64());
-        if status != 200 {
-            self.credential_errors
-                .get_or_create(&CredLabel { credential })
-                .inc();
+        let key = (credential.clone(), endpoint, status);
+        let cached = self.attempts.read().get(&key).cloned();
+        let handles = cached.unwrap_or_else(|| {
+            let (credential, endpoint) = (credential.to_string(), endpoint.to_owned());
+            let h = AttemptHandles {
+                requests: self.requests.get_or_create_owned(&CredEndpointStatus {
+                    credential: credential.clone(),
+                    endpoint: endpoint.clone(),
+                    status: status.to_string(),
+                }),
+                duration: self.requests_duration.get_or_create_owned(&CredEndpoint {
+                    credential: credential.clone(),
+                    endpoint,
+                }),
+                ttfb: self.upstream_ttfb.get_or_create_owned(&CredLabel {
+                    credential: credential.clone(),
+                }),
+                errors: (status != 200).then(|| {
+                    self.credential_errors
+                        .get_or_create_owned(&CredLabel { credential })
+                }),
+            };
+            self.attempts.write().insert(key, h.clone());
+            h
+        });
+        handles.requests.inc();
+        handles.duration.observe(since_request_start.as_secs_f64());
+        handles.ttfb.observe(ttfb.as_secs_f64());
+        if let Some(errors) = &handles.errors {
+            errors.inc();
         }
     }
 
-    pub fn request_done(&self, model: &str, credential: &str, status: u16, duration: Duration) {
-        self.request_duration
-            .get_or_create(&ModelCredStatus {
+    /// A request answered (the response head), by model id, credential and status. Model ids
+    /// beyond the first [`MAX_MODEL_LABELS`] are labelled `other`, so clients sending made-up
+    /// names cannot grow the metric set without bound.
+    pub fn request_done(&self, model: &str, credential: &Arc<str>, status: u16, duration: Duration) {
+        let key = (credential.clone(), status);
+        let cached = self
+            .done
+            .read()
+            .get(&key)
+            .and_then(|by_model| by_model.get(model).cloned());
+        let histogram = cached.unwrap_or_else(|| {
+            let mut done = self.done.write();
+            let series: usize = done.values().map(HashMap::len).sum();
+            let model = if series < MAX_MODEL_LABELS { model } else { "other" };
+            let h = self.request_duration.get_or_create_owned(&ModelCredStatus {
                 model: model.to_owned(),
-                credential: credential.to_owned(),
+                credential: credential.to_string(),
                 status: status.to_string(),
-            })
-            .observe(duration.as_secs_f64());
+            });
+            done.entry(key).or_default().insert(Box::from(model), h.clone());
+            h
+        });
+        histogram.observe(duration.as_secs_f64());
     }
 
     pub fn tokens(&self, credential: &str, model: &str, usage: &crate::stream::TokenUsage) {

@@ -140,6 +140,8 @@ struct Forward<'a> {
     rt: &'a Runtime,
     ctx: &'a RequestCtx,
     parts: &'a Parts,
+    /// The request path, as one of [`PROXIED_PATHS`] (a metric label).
+    endpoint: &'static str,
     path_and_query: &'a str,
     body: &'a Rewritten,
     model_id: &'a str,
@@ -185,6 +187,11 @@ async fn proxy(
         rt,
         ctx,
         parts: &parts,
+        endpoint: PROXIED_PATHS
+            .iter()
+            .find(|p| **p == parts.uri.path())
+            .copied()
+            .unwrap_or("other"),
         path_and_query,
         body: &rewritten,
         model_id: &model_id,
@@ -251,19 +258,19 @@ async fn proxy(
             Attempt::Retry(failure) => last = Some(failure),
         }
     }
-    let last_cred = tried
+    let last_cred: Arc<str> = tried
         .last()
-        .map(|&i| &*rt.credentials[i].name)
-        .unwrap_or("-");
+        .map(|&i| rt.credentials[i].name.clone())
+        .unwrap_or_else(|| Arc::from("-"));
     match last {
         Some(Failure::Response(resp)) => {
             let status = resp.status().as_u16();
             app.metrics
-                .request_done(&model_id, last_cred, status, ctx.started.elapsed());
+                .request_done(&model_id, &last_cred, status, ctx.started.elapsed());
             access_log(
                 ctx,
                 &model_id,
-                last_cred,
+                &last_cred,
                 status,
                 tried.len() as u32,
                 stream,
@@ -352,7 +359,7 @@ impl Forward<'_> {
     fn record(&self, cred: &Credential, slot: &Slot, outcome: Outcome, ttfb: Duration) {
         self.app.metrics.upstream_attempt(
             &cred.name,
-            self.parts.uri.path(),
+            self.endpoint,
             outcome.status,
             self.ctx.started.elapsed(),
             ttfb,
@@ -484,7 +491,7 @@ impl Forward<'_> {
             }
             Err(t) => return self.transport_failure(cred, slot, t, sent),
         };
-        let benign = is_request_specific_error(&bytes);
+        let benign = !status.is_success() && is_request_specific_error(&bytes);
         let retry_after = parts
             .headers
             .get(header::RETRY_AFTER)

@@ -405,7 +405,7 @@ impl Parser<'_> {
             .duration(m, "idle_conn_timeout", f, true)
             .unwrap_or(Duration::from_secs(120));
         let max_idle_conns = self.non_negative(m, "max_idle_conns", f, 200);
-        let max_idle_conns_per_host = self.non_negative(m, "max_idle_conns_per_host", f, 20);
+        let max_idle_conns_per_host = self.non_negative(m, "max_idle_conns_per_host", f, 256);
         let logging_level = match self.string(m, "logging_level", f, true).as_deref() {
             None | Some("info") => LogLevel::Info,
             Some("debug") => LogLevel::Debug,

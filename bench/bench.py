@@ -1,0 +1,391 @@
+#!/usr/bin/env python3
+"""airouter benchmark driver: runs every scenario side by side and writes bench/RESULTS.md.
+
+Started by bench/run.sh (which builds the binaries and installs the load generator and the
+peers). Roles are pinned with taskset: the load generator on CPU 0; the system under test and
+the mock provider on CPU 1 (the mock is cheap, and every target shares the core with it the
+same way). Each scenario runs RUNS times per target; tables show the median and the spread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REL = ROOT / "target" / "release"
+OHA = os.environ["OHA"]
+LITELLM = os.environ.get("LITELLM")  # path to the litellm executable, or empty to skip
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+DURATION = os.environ.get("BENCH_DURATION", "8s")
+LOADGEN_CPU, SUT_CPU = "0", "1"
+KEY = "bench"
+BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+TMP = pathlib.Path(tempfile.mkdtemp(prefix="airouter-bench-"))
+procs: list[subprocess.Popen] = []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with opener.open(url, timeout=1) as r:
+                if r.status < 500:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up within {timeout}s")
+
+
+def start(cmd: list[str], cpu: str = SUT_CPU, env: dict | None = None, log: str = "proc") -> subprocess.Popen:
+    out = open(TMP / f"{log}.log", "wb")
+    p = subprocess.Popen(["taskset", "-c", cpu, *cmd], stdout=out, stderr=subprocess.STDOUT,
+                         env={**os.environ, **(env or {})}, start_new_session=True)
+    procs.append(p)
+    return p
+
+
+def stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)
+
+
+def stop_all() -> None:
+    for p in procs:
+        stop(p)
+
+
+def child_pid(p: subprocess.Popen) -> int:
+    """taskset execs the program, so the Popen pid is the program's pid."""
+    return p.pid
+
+
+def rss_kb(pid: int) -> int:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_ticks(pid: int) -> int:
+    f = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(f[11]) + int(f[12])
+
+
+def oha(url: str, *args: str) -> dict:
+    cmd = ["taskset", "-c", LOADGEN_CPU, OHA, "--no-tui", "--output-format", "json", "-m", "POST",
+           "-H", f"Authorization: Bearer {KEY}", "-H", "Content-Type: application/json", "-d", BODY,
+           *args, url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"oha failed: {out.stderr[-500:]}")
+    d = json.loads(out.stdout)
+    codes = d.get("statusCodeDistribution") or {}
+    ok = codes.get("200", 0)
+    total = sum(codes.values())
+    if total == 0 or ok / total < 0.999:
+        raise RuntimeError(f"non-200 answers from {url}: {codes} {d.get('errorDistribution')}")
+    return d
+
+
+def stream_probe(url: str, *args: str) -> dict:
+    cmd = ["taskset", "-c", LOADGEN_CPU, str(REL / "bench-stream"), "--url", url, "--key", KEY, *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench-stream failed: {out.stderr[-500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def airouter_config(mock_port: int, port: int) -> pathlib.Path:
+    """The realistic topology: 4 primaries, 1 fallback, an alias, limits too high to trigger."""
+    up = f"http://127.0.0.1:{mock_port}"
+    cfg = f"""server:
+  host: 127.0.0.1
+  port: {port}
+  master_key: {KEY}
+  logging_level: error
+  max_provider_retries: 2
+credentials:
+  - {{name: primary-1, type: openai, api_key: sk-1, base_url: "{up}", rpm: 100000000, tpm: 100000000000}}
+  - {{name: primary-2, type: openai, api_key: sk-2, base_url: "{up}", rpm: 100000000, tpm: 100000000000}}
+  - {{name: primary-3, type: openai, api_key: sk-3, base_url: "{up}", rpm: 100000000, tpm: 100000000000}}
+  - {{name: primary-4, type: openai, api_key: sk-4, base_url: "{up}", rpm: 100000000, tpm: 100000000000}}
+  - {{name: backup, type: proxy, api_key: sk-5, base_url: "{up}", is_fallback: true}}
+models:
+  - {{name: gpt-4o-mini, rpm: 100000000}}
+model_alias:
+  fast: gpt-4o-mini
+"""
+    path = TMP / f"airouter-{port}.yaml"
+    path.write_text(cfg)
+    return path
+
+
+def litellm_config(mock_port: int) -> pathlib.Path:
+    up = f"http://127.0.0.1:{mock_port}/v1"
+    items = "".join(
+        f"""  - model_name: gpt-4o-mini
+    litellm_params: {{model: openai/gpt-4o-mini, api_base: "{up}", api_key: sk-{i}}}
+""" for i in range(1, 5))
+    cfg = f"""model_list:
+{items}  - model_name: gpt-4o-mini-backup
+    litellm_params: {{model: openai/gpt-4o-mini, api_base: "{up}", api_key: sk-5}}
+router_settings:
+  routing_strategy: simple-shuffle
+  fallbacks: [{{"gpt-4o-mini": ["gpt-4o-mini-backup"]}}]
+litellm_settings:
+  telemetry: false
+  drop_params: true
+general_settings:
+  master_key: {KEY}
+"""
+    path = TMP / "litellm.yaml"
+    path.write_text(cfg)
+    return path
+
+
+class Stack:
+    """A mock provider and every target in front of it."""
+
+    def __init__(self, mock_args: list[str], with_litellm: bool):
+        self.mock_port = free_port()
+        self.mock = start([str(REL / "bench-mock"), "--listen", f"127.0.0.1:{self.mock_port}", *mock_args], log="mock")
+        wait_http(f"http://127.0.0.1:{self.mock_port}/v1/models")
+        self.targets: dict[str, tuple[str, subprocess.Popen | None]] = {
+            "direct (mock)": (f"http://127.0.0.1:{self.mock_port}", self.mock)}
+        p = free_port()
+        pt = start([str(REL / "bench-passthrough"), "--listen", f"127.0.0.1:{p}",
+                    "--upstream", f"http://127.0.0.1:{self.mock_port}"], log="passthrough")
+        self.targets["bare hyper pass-through"] = (f"http://127.0.0.1:{p}", pt)
+        p = free_port()
+        ar = start([str(REL / "airouter"), "run", "--config", str(airouter_config(self.mock_port, p))], log="airouter")
+        wait_http(f"http://127.0.0.1:{p}/health/readiness")
+        self.targets["airouter"] = (f"http://127.0.0.1:{p}", ar)
+        if with_litellm and LITELLM:
+            p = free_port()
+            ll = start([LITELLM, "--config", str(litellm_config(self.mock_port)), "--host", "127.0.0.1",
+                        "--port", str(p), "--num_workers", "1"], log="litellm",
+                       env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "NO_PROXY": "*"})
+            wait_http(f"http://127.0.0.1:{p}/health/readiness", timeout=180)
+            self.targets["LiteLLM proxy"] = (f"http://127.0.0.1:{p}", ll)
+        for name, (base, _) in self.targets.items():
+            oha(base + "/v1/chat/completions", "-n", "200", "-c", "4")  # warm pools
+
+    def close(self) -> None:
+        for _, p in self.targets.values():
+            if p is not None:
+                stop(p)
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: list[float]) -> str:
+    return f"{min(xs):.4g}–{max(xs):.4g}"
+
+
+def us(x: float) -> str:
+    return f"{x:.0f} µs" if abs(x) < 10_000 else f"{x / 1000:.1f} ms"
+
+
+def main() -> int:
+    results: dict = {"machine": machine()}
+    rows: list[str] = []
+    try:
+        stack = Stack([], with_litellm=True)
+        names = list(stack.targets)
+        url = {n: stack.targets[n][0] + "/v1/chat/completions" for n in names}
+
+        # (1) latency at concurrency 1
+        lat = {n: {"p50": [], "p99": []} for n in names}
+        for _ in range(RUNS):
+            for n in names:
+                count = "500" if n == "LiteLLM proxy" else "5000"
+                d = oha(url[n], "-n", count, "-c", "1")
+                lat[n]["p50"].append(d["latencyPercentiles"]["p50"] * 1e6)
+                lat[n]["p99"].append(d["latencyPercentiles"]["p99"] * 1e6)
+        results["latency_c1_us"] = lat
+
+        # (2) max throughput at 64 connections
+        rps = {n: [] for n in names}
+        for _ in range(RUNS):
+            for n in names:
+                d = oha(url[n], "-z", DURATION, "-c", "64")
+                rps[n].append(d["summary"]["requestsPerSec"])
+        results["rps_c64"] = rps
+
+        # (3) p99 at a fixed rate = half of airouter's max (latency-corrected)
+        rate = int(med(rps["airouter"]) / 2)
+        fixed = {n: [] for n in names if n != "LiteLLM proxy"}
+        for _ in range(RUNS):
+            for n in fixed:
+                d = oha(url[n], "-z", DURATION, "-c", "64", "-q", str(rate), "--latency-correction")
+                fixed[n].append(d["latencyPercentiles"]["p99"] * 1e6)
+        results["fixed_rate"] = {"rate": rate, "p99_us": fixed}
+
+        # (6) idle RSS, after warm-up traffic and a quiet second
+        time.sleep(1.0)
+        results["idle_rss_kb"] = rss_kb(child_pid(stack.targets["airouter"][1]))
+        stack.close()
+
+        # (4) streaming: 20 chunks 2 ms apart
+        stack = Stack(["--chunks", "20", "--chunk-interval-ms", "2"], with_litellm=False)
+        sl = {n: {"ttfc_p50": [], "ttfc_p99": [], "gap_p50": [], "gap_p99": []} for n in stack.targets}
+        for _ in range(RUNS):
+            for n, (base, _) in stack.targets.items():
+                d = stream_probe(base + "/v1/chat/completions", "latency", "--streams", "300", "--concurrency", "4")
+                assert d["errors"] == 0, d
+                sl[n]["ttfc_p50"].append(d["ttfc_us"]["p50"])
+                sl[n]["ttfc_p99"].append(d["ttfc_us"]["p99"])
+                sl[n]["gap_p50"].append(d["gap_us"]["p50"])
+                sl[n]["gap_p99"].append(d["gap_us"]["p99"])
+        results["streaming_us"] = sl
+        stack.close()
+
+        # (5) 5,000 concurrent open streams (20 chunks 500 ms apart: ~10 s each)
+        stack = Stack(["--chunks", "20", "--chunk-interval-ms", "500"], with_litellm=False)
+        base, ar = stack.targets["airouter"]
+        pid = child_pid(ar)
+        held = []
+        for _ in range(RUNS):
+            probe = subprocess.Popen(
+                ["taskset", "-c", LOADGEN_CPU, str(REL / "bench-stream"), "--url", base + "/v1/chat/completions",
+                 "--key", KEY, "hold", "--open", "5000"], stdout=subprocess.PIPE, text=True)
+            assert probe.stdout is not None
+            line = probe.stdout.readline().strip()
+            opened = int(line.split()[1])
+            t0, c0 = time.monotonic(), cpu_ticks(pid)
+            peak = 0
+            while time.monotonic() - t0 < 4.0:
+                peak = max(peak, rss_kb(pid))
+                time.sleep(0.1)
+            cpu = (cpu_ticks(pid) - c0) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - t0) * 100
+            rest = probe.communicate(timeout=120)[0]
+            completed = int(rest.strip().split()[-1])
+            held.append({"opened": opened, "completed": completed, "rss_kb": peak, "cpu_pct": cpu})
+            time.sleep(1.0)
+        results["open_streams"] = held
+        stack.close()
+    finally:
+        stop_all()
+
+    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results)
+    print((ROOT / "bench" / "RESULTS.md").read_text())
+    return 0
+
+
+def machine() -> dict:
+    cpu = next((l.split(":", 1)[1].strip() for l in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), "?")
+    def ver(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+        except Exception:
+            return "?"
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "rustc": ver(["rustc", "--version"]), "oha": ver([OHA, "--version"]),
+        "litellm": ver([sys.executable, "-c", "print('n/a')"]) if not LITELLM else ver(
+            [str(pathlib.Path(LITELLM).parent / "python"), "-c", "import importlib.metadata as m; print(m.version('litellm'))"]),
+        "airouter": ver([str(REL / "airouter"), "--version"]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def write_markdown(r: dict) -> None:
+    m = r["machine"]
+    lat, rps, fixed, sl = r["latency_c1_us"], r["rps_c64"], r["fixed_rate"], r["streaming_us"]
+    d50, d99 = med(lat["direct (mock)"]["p50"]), med(lat["direct (mock)"]["p99"])
+    pt_rps = med(rps["bare hyper pass-through"])
+    ar_rps = med(rps["airouter"])
+    ll_rps = med(rps["LiteLLM proxy"]) if "LiteLLM proxy" in rps else None
+    held = r["open_streams"]
+    s = []
+    s.append("# airouter benchmark results\n")
+    s.append(f"Measured {m['date']} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Linux {m['kernel']}; "
+             f"{m['rustc']}; load generator {m['oha']}; {m['airouter']}; LiteLLM {m['litellm']}.\n")
+    s.append("Reproduce: `bash bench/run.sh` (builds everything, installs oha and LiteLLM into "
+             "`~/.cache/airouter/`, runs every scenario, rewrites this file and `bench/results.json`).\n")
+    s.append("Placement: the load generator (oha, `bench-stream`) is pinned to CPU 0; the target and the mock "
+             "provider share CPU 1 (`taskset`), the same way for every target. Every figure is the median of "
+             f"{len(next(iter(rps.values())))} runs, with the spread (min–max) beside it. The airouter config is the "
+             "realistic topology: 4 primary credentials, 1 fallback proxy, an alias, limits too high to trigger "
+             "(`bench/bench.py: airouter_config`).\n")
+    s.append("## Targets\n")
+    s.append("| target | measured | goal | met |\n|---|---|---|---|")
+    def row(what, val, goal, ok):
+        s.append(f"| {what} | {val} | {goal} | {'yes' if ok else '**no**'} |")
+    row("throughput vs bare pass-through", f"{ar_rps / pt_rps:.2f}×", "≥ 0.85×", ar_rps / pt_rps >= 0.85)
+    if ll_rps:
+        row("throughput vs LiteLLM proxy", f"{ar_rps / ll_rps:.1f}×", "≥ 20×", ar_rps / ll_rps >= 20)
+    s.append("| throughput vs Go Auto AI Router | not measured | ≥ 3× | — |")
+    a50 = med(lat["airouter"]["p50"]) - d50
+    a99 = med(lat["airouter"]["p99"]) - d99
+    row("added latency, concurrency 1, p50", us(a50), "≤ 50 µs", a50 <= 50)
+    row("added latency, concurrency 1, p99", us(a99), "≤ 150 µs", a99 <= 150)
+    t99 = med(sl["airouter"]["ttfc_p99"]) - med(sl["direct (mock)"]["ttfc_p99"])
+    row("streaming added time to first chunk, p99", us(t99), "≤ 200 µs", t99 <= 200)
+    idle_mb = r["idle_rss_kb"] / 1024
+    row("idle RSS", f"{idle_mb:.1f} MB", "≤ 20 MB", idle_mb <= 20)
+    peak_mb = med([h["rss_kb"] for h in held]) / 1024
+    row("RSS with 5,000 open streams", f"{peak_mb:.1f} MB", "≤ 100 MB", peak_mb <= 100)
+    s.append("\nThe Go Auto AI Router could not be measured: the Go module proxy answers 403 for "
+             "`github.com/mixaill76/auto_ai_router` on this network (`tests/tools/go-router.sh` builds it where "
+             "the module is served).\n")
+
+    s.append("## (1) Added latency at concurrency 1\n")
+    s.append("| target | p50 | p99 | added p50 | added p99 |\n|---|---|---|---|---|")
+    for n, v in lat.items():
+        s.append(f"| {n} | {us(med(v['p50']))} ({spread(v['p50'])}) | {us(med(v['p99']))} ({spread(v['p99'])}) | "
+                 f"{us(med(v['p50']) - d50)} | {us(med(v['p99']) - d99)} |")
+    s.append("\n## (2) Maximum throughput, 64 connections\n")
+    s.append("| target | requests/s | spread | vs pass-through |\n|---|---|---|---|")
+    for n, v in rps.items():
+        s.append(f"| {n} | {med(v):,.0f} | {spread(v)} | {med(v) / pt_rps:.2f}× |")
+    s.append(f"\n## (3) p99 at a fixed rate of {fixed['rate']:,} requests/s (half of airouter's maximum), latency-corrected\n")
+    s.append("| target | p99 | spread |\n|---|---|---|")
+    for n, v in fixed["p99_us"].items():
+        s.append(f"| {n} | {us(med(v))} | {spread(v)} |")
+    s.append("\n## (4) Streaming: 20 chunks 2 ms apart, 300 streams, 4 at a time\n")
+    s.append("| target | first chunk p50 | first chunk p99 | gap p50 | gap p99 |\n|---|---|---|---|---|")
+    for n, v in sl.items():
+        s.append(f"| {n} | {us(med(v['ttfc_p50']))} | {us(med(v['ttfc_p99']))} | {us(med(v['gap_p50']))} | {us(med(v['gap_p99']))} |")
+    base = sl["direct (mock)"]
+    s.append(f"\nairouter adds {us(med(sl['airouter']['ttfc_p50']) - med(base['ttfc_p50']))} (p50) / "
+             f"{us(t99)} (p99) to the first chunk and {us(med(sl['airouter']['gap_p99']) - med(base['gap_p99']))} "
+             "to the p99 inter-chunk gap.\n")
+    s.append("## (5) 5,000 concurrent open streams through airouter\n")
+    s.append("| run | opened | completed | peak RSS | CPU while open |\n|---|---|---|---|---|")
+    for i, h in enumerate(held, 1):
+        s.append(f"| {i} | {h['opened']} | {h['completed']} | {h['rss_kb'] / 1024:.1f} MB | {h['cpu_pct']:.0f} % |")
+    s.append(f"\n## (6) Idle RSS\n\nairouter after warm-up traffic, idle: {idle_mb:.1f} MB.\n")
+    notes = ROOT / "bench" / "NOTES.md"
+    if notes.exists():
+        s.append(notes.read_text())
+    (ROOT / "bench" / "RESULTS.md").write_text("\n".join(s) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# airouter benchmark suite: builds everything, installs the load generator (oha) and the
+# LiteLLM peer into ~/.cache/airouter (cached by version), runs every scenario and writes
+# bench/RESULTS.md. Takes about 10 minutes. Set BENCH_NO_LITELLM=1 to skip LiteLLM.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/airouter"
+OHA_VERSION=1.16.0
+LITELLM_VERSION="${LITELLM_VERSION:-1.108.7}"
+
+command -v taskset >/dev/null || { echo "taskset (util-linux) is required" >&2; exit 1; }
+echo "== building release binaries"
+cargo build --release -p airouter -p airouter-bench
+
+OHA="$CACHE/tools/oha-$OHA_VERSION/bin/oha"
+if [ ! -x "$OHA" ]; then
+    echo "== installing oha $OHA_VERSION"
+    cargo install oha --version "$OHA_VERSION" --locked --root "$CACHE/tools/oha-$OHA_VERSION"
+fi
+export OHA
+
+export LITELLM=""
+if [ -z "${BENCH_NO_LITELLM:-}" ]; then
+    VENV="$CACHE/litellm-$LITELLM_VERSION"
+    if [ ! -x "$VENV/bin/litellm" ]; then
+        echo "== installing LiteLLM proxy $LITELLM_VERSION"
+        python3 -m venv "$VENV"
+        "$VENV/bin/pip" install --quiet "litellm[proxy]==$LITELLM_VERSION"
+    fi
+    export LITELLM="$VENV/bin/litellm"
+fi
+
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+echo "== running scenarios"
+exec python3 bench/bench.py
