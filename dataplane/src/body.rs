@@ -1,7 +1,7 @@
 //! The response body type every handler returns, and small constructors.
 
 use bytes::Bytes;
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -12,8 +12,4 @@ pub fn full(bytes: impl Into<Bytes>) -> RespBody {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
-}
-
-pub fn empty() -> RespBody {
-    Empty::new().map_err(|never| match never {}).boxed_unsync()
 }

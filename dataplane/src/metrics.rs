@@ -333,7 +333,13 @@ impl Metrics {
     /// A request answered (the response head), by model id, credential and status. Model ids
     /// beyond the first [`MAX_MODEL_LABELS`] are labelled `other`, so clients sending made-up
     /// names cannot grow the metric set without bound.
-    pub fn request_done(&self, model: &str, credential: &Arc<str>, status: u16, duration: Duration) {
+    pub fn request_done(
+        &self,
+        model: &str,
+        credential: &Arc<str>,
+        status: u16,
+        duration: Duration,
+    ) {
         let key = (credential.clone(), status);
         let cached = self
             .done
@@ -343,13 +349,19 @@ impl Metrics {
         let histogram = cached.unwrap_or_else(|| {
             let mut done = self.done.write();
             let series: usize = done.values().map(HashMap::len).sum();
-            let model = if series < MAX_MODEL_LABELS { model } else { "other" };
+            let model = if series < MAX_MODEL_LABELS {
+                model
+            } else {
+                "other"
+            };
             let h = self.request_duration.get_or_create_owned(&ModelCredStatus {
                 model: model.to_owned(),
                 credential: credential.to_string(),
                 status: status.to_string(),
             });
-            done.entry(key).or_default().insert(Box::from(model), h.clone());
+            done.entry(key)
+                .or_default()
+                .insert(Box::from(model), h.clone());
             h
         });
         histogram.observe(duration.as_secs_f64());

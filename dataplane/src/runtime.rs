@@ -51,6 +51,16 @@ pub struct Credential {
     pub state: Arc<CredState>,
 }
 
+impl Credential {
+    pub fn tier(&self) -> Tier {
+        if self.is_fallback {
+            Tier::Fallback
+        } else {
+            Tier::Primary
+        }
+    }
+}
+
 /// One credential serving one model, with the pair's own limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Slot {
@@ -228,11 +238,7 @@ impl Runtime {
                     unsupported_routes.entry(model.clone()).or_default().push(i);
                     continue;
                 }
-                let tier = if cred.is_fallback {
-                    Tier::Fallback
-                } else {
-                    Tier::Primary
-                };
+                let tier = cred.tier();
                 route.tiers[tier as usize].push(Slot {
                     cred: i,
                     model_rpm: rpm.unwrap_or(default_rpm),
@@ -252,11 +258,7 @@ impl Runtime {
             if (filtering && bound) || !cred.kind.is_supported() {
                 continue;
             }
-            let tier = if cred.is_fallback {
-                Tier::Fallback
-            } else {
-                Tier::Primary
-            };
+            let tier = cred.tier();
             open_route.tiers[tier as usize].push(Slot {
                 cred: i,
                 model_rpm: Limit::Unlimited,
@@ -304,11 +306,7 @@ impl Runtime {
                 continue;
             };
             let cred = &self.credentials[i];
-            let tier = if cred.is_fallback {
-                Tier::Fallback
-            } else {
-                Tier::Primary
-            };
+            let tier = cred.tier();
             if route.tiers[tier as usize].iter().any(|s| s.cred == i) {
                 continue;
             }
@@ -359,10 +357,6 @@ impl Runtime {
 
     pub fn cursor(&self, model_id: &str) -> Arc<Cursor> {
         self.registry.cursor(model_id)
-    }
-
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
     }
 
     /// The limits that apply when `slot` serves a request.
