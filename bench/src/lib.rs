@@ -21,7 +21,9 @@ where
     let listener = TcpListener::bind(addr).await?;
     eprintln!("listening on {}", listener.local_addr()?);
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         tokio::spawn(async move {

@@ -35,20 +35,34 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 fn strip_spaces(b: &[u8]) -> Vec<u8> {
-    b.iter().copied().filter(|c| !c.is_ascii_whitespace()).collect()
+    b.iter()
+        .copied()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect()
 }
 
 async fn handle(args: Args, req: Request<Incoming>) -> Response<Body> {
     if req.method() == http::Method::GET {
         let mut resp = Response::new(Full::new(Bytes::from_static(MODELS)).boxed_unsync());
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         return resp;
     }
-    let body = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     let compact = strip_spaces(&body);
     if !contains(&compact, b"\"stream\":true") {
         let mut resp = Response::new(Full::new(Bytes::from_static(COMPLETION)).boxed_unsync());
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         return resp;
     }
     let usage = contains(&compact, b"\"include_usage\":true");
@@ -58,15 +72,21 @@ async fn handle(args: Args, req: Request<Incoming>) -> Response<Body> {
     }
     frames.push(DONE);
     let interval = Duration::from_millis(args.chunk_interval_ms);
-    let stream = futures::stream::unfold((frames.into_iter(), true), move |(mut it, first)| async move {
-        let frame = it.next()?;
-        if !first && !interval.is_zero() {
-            tokio::time::sleep(interval).await;
-        }
-        Some((Ok(Frame::data(Bytes::from_static(frame))), (it, false)))
-    });
+    let stream = futures::stream::unfold(
+        (frames.into_iter(), true),
+        move |(mut it, first)| async move {
+            let frame = it.next()?;
+            if !first && !interval.is_zero() {
+                tokio::time::sleep(interval).await;
+            }
+            Some((Ok(Frame::data(Bytes::from_static(frame))), (it, false)))
+        },
+    );
     let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     resp
 }
 

@@ -24,12 +24,20 @@ struct Args {
 
 type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
-async fn forward(client: Arc<Client<HttpConnector, Full<Bytes>>>, base: Arc<str>, req: Request<Incoming>) -> Response<Body> {
+async fn forward(
+    client: Arc<Client<HttpConnector, Full<Bytes>>>,
+    base: Arc<str>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let Ok(body) = body.collect().await.map(|c| c.to_bytes()) else {
         return error(StatusCode::BAD_REQUEST);
     };
-    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     let Ok(uri) = format!("{base}{pq}").parse::<Uri>() else {
         return error(StatusCode::BAD_GATEWAY);
     };
@@ -48,7 +56,11 @@ async fn forward(client: Arc<Client<HttpConnector, Full<Bytes>>>, base: Arc<str>
 }
 
 fn error(status: StatusCode) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed_unsync());
+    let mut resp = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
     *resp.status_mut() = status;
     resp
 }
@@ -58,7 +70,14 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
-    let client = Arc::new(Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(http));
+    let client = Arc::new(
+        Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1024)
+            .build(http),
+    );
     let base: Arc<str> = Arc::from(args.upstream.trim_end_matches('/'));
-    airouter_bench::serve(args.listen, move |req| forward(client.clone(), base.clone(), req)).await
+    airouter_bench::serve(args.listen, move |req| {
+        forward(client.clone(), base.clone(), req)
+    })
+    .await
 }

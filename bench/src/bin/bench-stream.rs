@@ -51,7 +51,13 @@ enum Mode {
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// One stream: (time to first event, gaps between events, events seen).
-async fn one(client: &HttpClient, url: &str, key: &str, body: &Bytes, on_first: impl FnOnce()) -> anyhow::Result<(Duration, Vec<Duration>, usize)> {
+async fn one(
+    client: &HttpClient,
+    url: &str,
+    key: &str,
+    body: &Bytes,
+    on_first: impl FnOnce(),
+) -> anyhow::Result<(Duration, Vec<Duration>, usize)> {
     let req = Request::post(url)
         .header(header::AUTHORIZATION, format!("Bearer {key}"))
         .header(header::CONTENT_TYPE, "application/json")
@@ -66,7 +72,9 @@ async fn one(client: &HttpClient, url: &str, key: &str, body: &Bytes, on_first: 
     let mut events = 0;
     let mut on_first = Some(on_first);
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else { continue };
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
         let n = data.windows(2).filter(|w| w == b"\n\n").count();
         if n == 0 {
             continue;
@@ -92,16 +100,27 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
-    let client: HttpClient = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(10_000).build(http);
+    let client: HttpClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(10_000)
+        .build(http);
     let body = Bytes::from(serde_json::to_vec(&serde_json::json!({
         "model": args.model, "stream": true, "messages": [{"role": "user", "content": "hi"}]
     }))?);
     match args.mode {
-        Mode::Latency { streams, concurrency } => {
+        Mode::Latency {
+            streams,
+            concurrency,
+        } => {
             let next = Arc::new(AtomicUsize::new(0));
             let mut tasks = Vec::new();
             for _ in 0..concurrency {
-                let (client, url, key, body, next) = (client.clone(), args.url.clone(), args.key.clone(), body.clone(), next.clone());
+                let (client, url, key, body, next) = (
+                    client.clone(),
+                    args.url.clone(),
+                    args.key.clone(),
+                    body.clone(),
+                    next.clone(),
+                );
                 tasks.push(tokio::spawn(async move {
                     let mut out = Vec::new();
                     while next.fetch_add(1, Ordering::Relaxed) < streams {
@@ -138,7 +157,13 @@ async fn main() -> anyhow::Result<()> {
             let started = Arc::new(AtomicUsize::new(0));
             let mut tasks = Vec::with_capacity(open);
             for _ in 0..open {
-                let (client, url, key, body, started) = (client.clone(), args.url.clone(), args.key.clone(), body.clone(), started.clone());
+                let (client, url, key, body, started) = (
+                    client.clone(),
+                    args.url.clone(),
+                    args.key.clone(),
+                    body.clone(),
+                    started.clone(),
+                );
                 tasks.push(tokio::spawn(async move {
                     one(&client, &url, &key, &body, || {
                         started.fetch_add(1, Ordering::Relaxed);

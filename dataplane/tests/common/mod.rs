@@ -5,6 +5,11 @@
 //! * [`MockUpstream`] is an in-process, scriptable OpenAI-compatible provider
 //!   (hyper 1) that records every request it receives.
 //! * [`dead_url`] gives a base URL where nothing listens (connection refused).
+//! * Live-config helpers: an `{admin_port}` placeholder (a second free port,
+//!   [`Router::admin_port`]), the admin API ([`Router::push_config`],
+//!   [`Router::config_hash`], [`Router::admin_state`], [`Router::admin_metrics`]),
+//!   signals ([`Router::signal`]), [`Router::wait_exit`], routers started from a
+//!   config file the test manages ([`Router::start_managed`]) and [`metric_sum`].
 //!
 //! Every wait in here is bounded in time and in iterations.
 #![allow(dead_code)]
@@ -13,9 +18,9 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -34,6 +39,9 @@ use tokio::sync::{mpsc, Notify};
 
 /// Master key used by the tests (distinctive so that log scans are meaningful).
 pub const MASTER_KEY: &str = "sk-test-master-7f3a9c41";
+
+/// Admin API token used by [`admin_server_yaml`].
+pub const ADMIN_TOKEN: &str = "adm-secret-3b8e5d20";
 
 /// How long `Router::start` waits for `/health/readiness`.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,6 +68,39 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local_addr").port()
 }
 
+/// The two ports of a router: the public one (`{port}`) and the admin one
+/// (`{admin_port}`; only used when the config mentions it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ports {
+    pub port: u16,
+    pub admin_port: u16,
+}
+
+impl Ports {
+    /// Two distinct currently free ports on 127.0.0.1.
+    pub fn pick() -> Ports {
+        // Both listeners are held at once so the ports differ.
+        let a = StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let b = StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        Ports {
+            port: a.local_addr().expect("local_addr").port(),
+            admin_port: b.local_addr().expect("local_addr").port(),
+        }
+    }
+
+    /// `template` with `{port}` and `{admin_port}` replaced.
+    pub fn fill(&self, template: &str) -> String {
+        template
+            .replace("{admin_port}", &self.admin_port.to_string())
+            .replace("{port}", &self.port.to_string())
+    }
+
+    /// `http://127.0.0.1:<port>` (the public listener).
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
 /// Base URL of a "dead" upstream: a port on 127.0.0.1 with nothing listening.
 pub fn dead_url() -> String {
     format!("http://127.0.0.1:{}", free_port())
@@ -83,6 +124,14 @@ pub fn server_yaml(retries: u32, extra: &[&str]) -> String {
         s.push('\n');
     }
     s
+}
+
+/// [`server_yaml`] plus `admin_port: {admin_port}` and `admin_token: <ADMIN_TOKEN>`.
+pub fn admin_server_yaml(retries: u32, extra: &[&str]) -> String {
+    let token = format!("admin_token: {ADMIN_TOKEN}");
+    let mut lines: Vec<&str> = vec!["admin_port: {admin_port}", &token];
+    lines.extend_from_slice(extra);
+    server_yaml(retries, &lines)
 }
 
 /// One credential list item in block style (to be placed under `credentials:`).
@@ -122,11 +171,27 @@ pub struct StartOpts {
     pub env: Vec<(String, String)>,
     /// Use the upstream spelling `airouter -config FILE` instead of `run --config FILE`.
     pub upstream_flag_spelling: bool,
+    /// The key [`Router::post`] & co. send (default [`MASTER_KEY`]); set it when
+    /// the config uses another `master_key`.
+    pub master_key: Option<String>,
+    /// Use these ports instead of picking free ones (e.g. when another router's
+    /// config must name this one before it starts). No retry on a port race.
+    pub ports: Option<Ports>,
 }
 
 impl StartOpts {
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    pub fn master_key(mut self, key: &str) -> Self {
+        self.master_key = Some(key.to_string());
+        self
+    }
+
+    pub fn ports(mut self, ports: Ports) -> Self {
+        self.ports = Some(ports);
         self
     }
 }
@@ -135,7 +200,10 @@ impl StartOpts {
 pub struct Router {
     child: Option<Child>,
     pub port: u16,
+    /// The port substituted for `{admin_port}` (listening only if the config uses it).
+    pub admin_port: u16,
     pub config_path: PathBuf,
+    master_key: String,
     log_path: PathBuf,
     client: reqwest::Client,
     _dir: tempfile::TempDir,
@@ -157,15 +225,41 @@ enum StartError {
 }
 
 impl Router {
-    /// Start the router with `yaml` (`{port}` is replaced by a free port).
+    /// Start the router with `yaml` (`{port}` and `{admin_port}` are replaced by
+    /// free ports).
     pub async fn start(yaml: &str) -> Router {
         Self::start_with(yaml, StartOpts::default()).await
     }
 
     pub async fn start_with(yaml: &str, opts: StartOpts) -> Router {
+        let write = |ports: &Ports, dir: &Path| -> PathBuf {
+            let path = dir.join("config.yaml");
+            std::fs::write(&path, ports.fill(yaml)).expect("write config");
+            path
+        };
+        Self::launch(&opts, &write).await
+    }
+
+    /// Start the router on `config_path`, a file (or symlink) the test manages.
+    /// `prepare` is called with the chosen ports (again after a port race) and
+    /// must leave the config readable at `config_path`.
+    pub async fn start_managed(
+        config_path: &Path,
+        opts: StartOpts,
+        prepare: impl Fn(&Ports),
+    ) -> Router {
+        let write = |ports: &Ports, _dir: &Path| -> PathBuf {
+            prepare(ports);
+            config_path.to_path_buf()
+        };
+        Self::launch(&opts, &write).await
+    }
+
+    async fn launch(opts: &StartOpts, write: &dyn Fn(&Ports, &Path) -> PathBuf) -> Router {
         let mut last = String::new();
-        for _ in 0..3 {
-            match Self::try_start(yaml, &opts).await {
+        let tries = if opts.ports.is_some() { 1 } else { 3 };
+        for _ in 0..tries {
+            match Self::try_start(opts, write).await {
                 Ok(router) => return router,
                 Err(StartError::PortRace(msg)) => last = msg,
                 Err(StartError::Fatal(msg)) => panic!("{msg}"),
@@ -174,12 +268,14 @@ impl Router {
         panic!("router failed to start (port races):\n{last}");
     }
 
-    async fn try_start(yaml: &str, opts: &StartOpts) -> Result<Router, StartError> {
-        let port = free_port();
-        let port_s = port.to_string();
+    async fn try_start(
+        opts: &StartOpts,
+        write: &dyn Fn(&Ports, &Path) -> PathBuf,
+    ) -> Result<Router, StartError> {
+        let ports = opts.ports.unwrap_or_else(Ports::pick);
+        let port = ports.port;
         let dir = tempfile::tempdir().expect("tempdir");
-        let config_path = dir.path().join("config.yaml");
-        std::fs::write(&config_path, yaml.replace("{port}", &port_s)).expect("write config");
+        let config_path = write(&ports, dir.path());
         let log_path = dir.path().join("router.log");
         let log = File::create(&log_path).expect("create log");
         let log_err = log.try_clone().expect("clone log");
@@ -194,7 +290,7 @@ impl Router {
             cmd.env_remove(var);
         }
         for (k, v) in &opts.env {
-            cmd.env(k, v.replace("{port}", &port_s));
+            cmd.env(k, ports.fill(v));
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log))
@@ -204,7 +300,12 @@ impl Router {
         let mut router = Router {
             child: Some(child),
             port,
+            admin_port: ports.admin_port,
             config_path,
+            master_key: opts
+                .master_key
+                .clone()
+                .unwrap_or_else(|| MASTER_KEY.to_string()),
             log_path,
             client: http_client(),
             _dir: dir,
@@ -256,6 +357,30 @@ impl Router {
         &self.client
     }
 
+    /// The key the request helpers send as `Authorization: Bearer`.
+    pub fn master_key(&self) -> &str {
+        &self.master_key
+    }
+
+    /// This router's ports.
+    pub fn ports(&self) -> Ports {
+        Ports {
+            port: self.port,
+            admin_port: self.admin_port,
+        }
+    }
+
+    /// `template` with this router's `{port}` and `{admin_port}` (for pushes and
+    /// file rewrites that keep the listeners).
+    pub fn fill(&self, template: &str) -> String {
+        self.ports().fill(template)
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("router process").id()
+    }
+
     /// Everything the child wrote to stdout and stderr so far.
     pub fn logs(&self) -> String {
         std::fs::read(&self.log_path)
@@ -267,7 +392,7 @@ impl Router {
     pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
         self.client
             .post(self.url(path))
-            .bearer_auth(MASTER_KEY)
+            .bearer_auth(&self.master_key)
             .json(body)
             .send()
             .await
@@ -278,7 +403,7 @@ impl Router {
     pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
         self.client
             .post(self.url(path))
-            .bearer_auth(MASTER_KEY)
+            .bearer_auth(&self.master_key)
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -330,6 +455,168 @@ impl Router {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         false
+    }
+
+    // --- admin API -------------------------------------------------------
+
+    /// `http://127.0.0.1:<admin_port><path>`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.admin_port, path)
+    }
+
+    /// An admin request with `Authorization: Bearer <token>` (none if `None`).
+    pub async fn admin_request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<String>,
+    ) -> reqwest::Response {
+        let mut req = self.client.request(method, self.admin_url(path));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.body(body);
+        }
+        req.send().await.expect("request to the admin API")
+    }
+
+    /// GET on the admin port with [`ADMIN_TOKEN`].
+    pub async fn admin_get(&self, path: &str) -> reqwest::Response {
+        self.admin_request(reqwest::Method::GET, path, Some(ADMIN_TOKEN), None)
+            .await
+    }
+
+    /// `PUT /admin/config` with [`ADMIN_TOKEN`] → (status, JSON body).
+    pub async fn push_config(&self, document: &str) -> (u16, Value) {
+        let resp = self
+            .admin_request(
+                reqwest::Method::PUT,
+                "/admin/config",
+                Some(ADMIN_TOKEN),
+                Some(document.to_string()),
+            )
+            .await;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("admin body");
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("PUT /admin/config body is not JSON ({e}): {text}"));
+        (status, body)
+    }
+
+    /// `GET /admin/config/hash` → the running config's hash.
+    pub async fn config_hash(&self) -> String {
+        let resp = self.admin_get("/admin/config/hash").await;
+        assert_eq!(resp.status().as_u16(), 200, "GET /admin/config/hash");
+        let v: Value = resp.json().await.expect("hash JSON");
+        v["hash"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no hash in {v}"))
+            .to_string()
+    }
+
+    /// `GET /admin/state` as JSON.
+    pub async fn admin_state(&self) -> Value {
+        let resp = self.admin_get("/admin/state").await;
+        assert_eq!(resp.status().as_u16(), 200, "GET /admin/state");
+        resp.json().await.expect("state JSON")
+    }
+
+    /// `GET /metrics` on the admin port (text).
+    pub async fn admin_metrics(&self) -> String {
+        let resp = self.admin_get("/metrics").await;
+        assert_eq!(resp.status().as_u16(), 200, "GET /metrics (admin)");
+        resp.text().await.expect("metrics text")
+    }
+
+    /// Poll `/admin/config/hash` every 25 ms until `pred` holds (→ that hash) or
+    /// `timeout` elapses (→ `None`).
+    pub async fn wait_hash(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let max = (timeout.as_millis() / 25) as usize + 2;
+        for _ in 0..max {
+            let hash = self.config_hash().await;
+            if pred(&hash) {
+                return Some(hash);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        None
+    }
+
+    /// Poll the admin `/metrics` every 25 ms until `pred` holds (→ that text) or
+    /// `timeout` elapses (→ `None`).
+    pub async fn wait_metrics(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let max = (timeout.as_millis() / 25) as usize + 2;
+        for _ in 0..max {
+            let text = self.admin_metrics().await;
+            if pred(&text) {
+                return Some(text);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        None
+    }
+
+    // --- process control -----------------------------------------------------
+
+    /// Send a signal (`"HUP"`, `"TERM"`, …) with `kill -s SIG <pid>`. Panics if the
+    /// child has already exited (its pid may not be ours any more).
+    pub fn signal(&mut self, sig: &str) {
+        let child = self.child.as_mut().expect("router process");
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("cannot send SIG{sig}: airouter already exited ({status})");
+        }
+        let status = Command::new("kill")
+            .arg("-s")
+            .arg(sig)
+            .arg(child.id().to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -s {sig} failed: {status}");
+    }
+
+    /// Whether the child is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Wait (polling every 20 ms) until the child exits → its status, or `None`
+    /// if it is still running after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let max = (timeout.as_millis() / 20) as usize + 2;
+        let child = self.child.as_mut()?;
+        for _ in 0..max {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        child.try_wait().ok().flatten()
     }
 
     /// Ask the child to stop (SIGTERM, at most 1 s), then SIGKILL.
@@ -389,6 +676,55 @@ pub fn retry_after(resp: &reqwest::Response) -> Option<u64> {
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// Sum of the samples of metric `name` (exact series name, e.g.
+/// `airouter_config_reloads_total`) whose labels include every `(key, value)`
+/// of `labels`, in a Prometheus/OpenMetrics text exposition.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.trim().rsplit_once(' ')?;
+            let (metric, label_text) = match series.find('{') {
+                Some(i) => (&series[..i], series[i + 1..].trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let have = parse_labels(label_text);
+            labels
+                .iter()
+                .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// `a="x",b="y"` → pairs (values unescaped for `\"` and `\\`).
+fn parse_labels(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() || chars.next() != Some('"') {
+            return out;
+        }
+        let mut value = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => value.extend(chars.next()),
+                '"' => break,
+                c => value.push(c),
+            }
+        }
+        out.push((key.trim().to_string(), value));
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -904,6 +1240,11 @@ impl MockUpstream {
             i.requests.iter().filter(|r| r.method != "GET").count() >= n
         })
         .await
+    }
+
+    /// Wait (bounded) until at least `n` stream events were written (all streams).
+    pub async fn wait_events(&self, n: usize, timeout: Duration) -> bool {
+        self.wait_until(timeout, |i| i.events_sent >= n).await
     }
 
     /// Wait (bounded) until a stream's reader went away.
