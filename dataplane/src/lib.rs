@@ -15,6 +15,11 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod health;
+
+/// A hash map for the request path: `ahash` is several times faster than SipHash on short
+/// keys and still seeded per process, so client-chosen model names cannot force collisions.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+
 pub mod limit;
 pub mod metrics;
 pub mod mock;

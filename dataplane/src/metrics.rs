@@ -6,7 +6,6 @@
 //! time rather than on a timer, so a scrape never shows stale numbers.
 
 use std::{
-    collections::HashMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -18,7 +17,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::runtime::Runtime;
+use crate::{runtime::Runtime, FastMap};
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
@@ -117,7 +116,7 @@ struct AttemptHandles {
 
 /// (credential, endpoint, status).
 type AttemptKey = (Arc<str>, &'static str, u16);
-type ModelSeries = HashMap<Box<str>, Histogram>;
+type ModelSeries = FastMap<Box<str>, Histogram>;
 
 /// Distinct (model, credential, status) series of `airouter_request_duration_seconds` kept
 /// before new model ids are labelled `other`.
@@ -126,9 +125,9 @@ const MAX_MODEL_LABELS: usize = 1024;
 /// Every metric the data plane exports.
 pub struct Metrics {
     registry: Registry,
-    attempts: RwLock<HashMap<AttemptKey, AttemptHandles>>,
+    attempts: RwLock<FastMap<AttemptKey, AttemptHandles>>,
     /// (credential, status) → model id → series.
-    done: RwLock<HashMap<(Arc<str>, u16), ModelSeries>>,
+    done: RwLock<FastMap<(Arc<str>, u16), ModelSeries>>,
     /// Serialises scrapes: gauges are refilled from state, then encoded.
     scrape: Mutex<()>,
     requests: Family<CredEndpointStatus, Counter>,
@@ -348,7 +347,7 @@ impl Metrics {
             .and_then(|by_model| by_model.get(model).cloned());
         let histogram = cached.unwrap_or_else(|| {
             let mut done = self.done.write();
-            let series: usize = done.values().map(HashMap::len).sum();
+            let series: usize = done.values().map(FastMap::len).sum();
             let model = if series < MAX_MODEL_LABELS {
                 model
             } else {

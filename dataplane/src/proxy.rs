@@ -117,8 +117,9 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         })
         .cloned()
         .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-                .expect("a UUID is a valid header value")
+            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+            HeaderValue::from_str(id).expect("a UUID is a valid header value")
         })
 }
 
@@ -295,12 +296,13 @@ fn resolve_route<'r>(
     rt: &'r Runtime,
     model_id: &str,
 ) -> Result<Cow<'r, Route>, ProxyError> {
-    if !rt.has_static_route(model_id) {
-        let serving = app.remote.credentials_serving(model_id);
-        if !serving.is_empty() {
-            if let Some(route) = rt.route_with_remotes(&serving) {
-                return Ok(Cow::Owned(route));
-            }
+    if let Some(route) = rt.static_route(model_id) {
+        return Ok(Cow::Borrowed(route));
+    }
+    let serving = app.remote.credentials_serving(model_id);
+    if !serving.is_empty() {
+        if let Some(route) = rt.route_with_remotes(&serving) {
+            return Ok(Cow::Owned(route));
         }
     }
     match rt.lookup(model_id) {

@@ -22,6 +22,7 @@ use crate::{
     config::{CredentialType, Limit, MockConfig, RouterConfig},
     limit::{fail2ban::Policy, CredState, SlotLimits},
     secret::Secret,
+    FastMap,
 };
 
 /// `rpm` and `tpm` of a `models[]` entry, as written (`None`: not set).
@@ -105,7 +106,7 @@ const MAX_CURSORS: usize = 4096;
 #[derive(Debug, Default)]
 pub struct Registry {
     creds: Mutex<HashMap<String, Arc<CredState>>>,
-    cursors: RwLock<HashMap<Arc<str>, Arc<Cursor>>>,
+    cursors: RwLock<FastMap<Arc<str>, Arc<Cursor>>>,
     overflow: Arc<Cursor>,
 }
 
@@ -153,11 +154,11 @@ pub struct Runtime {
     pub config: RouterConfig,
     pub credentials: Vec<Credential>,
     by_name: HashMap<String, usize>,
-    routes: HashMap<String, Route>,
+    routes: FastMap<String, Route>,
     /// For model ids no `models[]` entry names.
     open_route: Route,
     unsupported_routes: HashMap<String, Vec<usize>>,
-    real_names: HashMap<String, String>,
+    real_names: FastMap<String, String>,
     /// Distinct `models[].name` in config order: the `/v1/models` list.
     pub model_ids: Vec<String>,
     pub policy: Policy,
@@ -201,7 +202,7 @@ impl Runtime {
         let mut model_ids: Vec<String> = Vec::new();
         let mut global: HashMap<&str, PairLimits> = HashMap::new();
         let mut specific: HashMap<(&str, usize), PairLimits> = HashMap::new();
-        let mut real_names = HashMap::new();
+        let mut real_names = FastMap::default();
         for m in &config.models {
             if !model_ids.contains(&m.name) {
                 model_ids.push(m.name.clone());
@@ -223,7 +224,7 @@ impl Runtime {
             }
         }
         let default_rpm = config.server.default_models_rpm;
-        let mut routes = HashMap::new();
+        let mut routes = FastMap::default();
         let mut unsupported_routes: HashMap<String, Vec<usize>> = HashMap::new();
         for model in &model_ids {
             let mut route = Route::default();
@@ -288,9 +289,9 @@ impl Runtime {
         }
     }
 
-    /// Whether a `models[]` entry names this model id.
-    pub fn has_static_route(&self, model_id: &str) -> bool {
-        self.routes.contains_key(model_id)
+    /// The route of a model id a `models[]` entry names, if it has any credential.
+    pub fn static_route(&self, model_id: &str) -> Option<&Route> {
+        self.routes.get(model_id).filter(|r| !r.is_empty())
     }
 
     pub fn credential(&self, name: &str) -> Option<&Credential> {

@@ -104,7 +104,8 @@ async fn main() -> anyhow::Result<()> {
         .pool_max_idle_per_host(10_000)
         .build(http);
     let body = Bytes::from(serde_json::to_vec(&serde_json::json!({
-        "model": args.model, "stream": true, "messages": [{"role": "user", "content": "hi"}]
+        "model": args.model, "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "hi"}]
     }))?);
     match args.mode {
         Mode::Latency {

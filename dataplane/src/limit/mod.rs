@@ -10,7 +10,6 @@ pub mod fail2ban;
 mod window;
 
 use std::{
-    collections::HashMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -22,7 +21,7 @@ use self::{
     fail2ban::{Ban, Outcome, PairBans, Policy},
     window::Window,
 };
-use crate::config::Limit;
+use crate::{config::Limit, FastMap};
 
 /// The limits that apply to one admission: the credential's and the pair's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -110,7 +109,7 @@ pub struct CredState {
 struct CredInner {
     rpm: Window,
     tpm: Window,
-    pairs: HashMap<Arc<str>, PairState>,
+    pairs: FastMap<Arc<str>, PairState>,
     /// Models whose ban expired since the last [`CredState::take_unbans`] (for metrics).
     unbans: Vec<Arc<str>>,
 }
@@ -132,12 +131,16 @@ impl PairState {
 }
 
 impl CredInner {
+    fn insert_pair(&mut self, model: &str) {
+        if self.pairs.len() >= MAX_IDLE_PAIRS {
+            self.pairs.retain(|_, p| !p.is_idle());
+        }
+        self.pairs.insert(Arc::from(model), PairState::default());
+    }
+
     fn pair(&mut self, model: &str) -> &mut PairState {
         if !self.pairs.contains_key(model) {
-            if self.pairs.len() >= MAX_IDLE_PAIRS {
-                self.pairs.retain(|_, p| !p.is_idle());
-            }
-            self.pairs.insert(Arc::from(model), PairState::default());
+            self.insert_pair(model);
         }
         self.pairs.get_mut(model).expect("inserted above")
     }
@@ -166,26 +169,27 @@ impl CredState {
     pub fn admit(&self, model: &str, limits: &SlotLimits, now: Instant) -> Admission {
         let mut inner = self.inner.lock();
         let inner = &mut *inner;
-        if let Some(pair) = inner.pairs.get_mut(model) {
-            let lifted = pair.bans.lift_expired(now);
-            if let Some(ban) = &pair.bans.ban {
-                return Admission::Banned { until: ban.until };
-            }
-            if lifted && inner.unbans.len() < MAX_UNBAN_EVENTS {
-                let key = inner.pairs.get_key_value(model).map(|(k, _)| k.clone());
-                inner.unbans.extend(key);
-            }
+        if !inner.pairs.contains_key(model) {
+            inner.insert_pair(model);
+        }
+        let CredInner {
+            rpm,
+            tpm,
+            pairs,
+            unbans,
+        } = inner;
+        let pair = pairs.get_mut(model).expect("inserted above");
+        if pair.bans.lift_expired(now) && unbans.len() < MAX_UNBAN_EVENTS {
+            unbans.push(Arc::from(model));
+        }
+        if let Some(ban) = &pair.bans.ban {
+            return Admission::Banned { until: ban.until };
         }
         let mut frees_at: Option<Instant> = None;
         let mut full = false;
-        for (window, limit) in [(&mut inner.rpm, limits.rpm), (&mut inner.tpm, limits.tpm)] {
-            if !window.has_room(now, limit.get()) {
-                full = true;
-                frees_at = later(frees_at, window.frees_at(limit.get().unwrap_or(0)));
-            }
-        }
-        let pair = inner.pair(model);
         for (window, limit) in [
+            (&mut *rpm, limits.rpm),
+            (&mut *tpm, limits.tpm),
             (&mut pair.rpm, limits.model_rpm),
             (&mut pair.tpm, limits.model_tpm),
         ] {
@@ -194,13 +198,11 @@ impl CredState {
                 frees_at = later(frees_at, window.frees_at(limit.get().unwrap_or(0)));
             }
         }
-        if !full {
-            pair.rpm.add(now, 1);
-        }
         if full {
             return Admission::Limited { frees_at };
         }
-        inner.rpm.add(now, 1);
+        pair.rpm.add(now, 1);
+        rpm.add(now, 1);
         Admission::Admitted
     }
 
