@@ -21,6 +21,8 @@ pub struct Probe<'a> {
     pub include_usage: bool,
     /// A Responses-API body (`input` without `messages`): no `stream_options` for it.
     pub responses_input: bool,
+    /// The body has a `stream_options` key (of any value).
+    pub has_stream_options: bool,
 }
 
 #[derive(Deserialize)]
@@ -54,6 +56,7 @@ impl<'a> Probe<'a> {
             stream: raw.stream.is_some_and(|s| s.get() == "true"),
             include_usage,
             responses_input: raw.input.is_some() && raw.messages.is_none(),
+            has_stream_options: raw.stream_options.is_some(),
         })
     }
 }
@@ -77,6 +80,22 @@ pub fn rewrite(
     let inject = probe.stream && !probe.include_usage && !probe.responses_input;
     let rules = family_rules(family_model_id);
     let rename = upstream_model != probe.model;
+    if inject && !rename && rules.is_none() && !probe.has_stream_options {
+        // The common streaming case: add the key after the opening brace instead of
+        // re-serialising the whole body (which costs a full parse for long prompts). The body
+        // is a JSON object with a `model` key and no `stream_options` key, so this stays valid.
+        if let Some(brace) = body.iter().position(|&b| b == b'{') {
+            const INJECTED: &[u8] = br#""stream_options":{"include_usage":true},"#;
+            let mut out = Vec::with_capacity(body.len() + INJECTED.len());
+            out.extend_from_slice(&body[..=brace]);
+            out.extend_from_slice(INJECTED);
+            out.extend_from_slice(&body[brace + 1..]);
+            return Rewritten {
+                body: Bytes::from(out),
+                injected_usage: true,
+            };
+        }
+    }
     if !inject && !rename && rules.is_none() {
         return Rewritten {
             body,
@@ -222,6 +241,29 @@ mod tests {
             keys,
             ["model", "stream", "messages", "stream_options"],
             "order is kept"
+        );
+    }
+
+    #[test]
+    fn usage_flag_is_added_without_reserialising() {
+        let body = Bytes::from_static(b" {\"model\": \"m\", \"stream\": true, \"x\": \"\\u00e9\"}");
+        let p = Probe::read(&body).unwrap();
+        let out = rewrite(body.clone(), &p, "m", "m");
+        assert!(out.injected_usage);
+        assert_eq!(
+            std::str::from_utf8(&out.body).unwrap(),
+            " {\"stream_options\":{\"include_usage\":true},\"model\": \"m\", \"stream\": true, \"x\": \"\\u00e9\"}",
+            "the rest of the body is untouched, escapes included"
+        );
+        let v: Value = serde_json::from_slice(&out.body).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        // An existing stream_options object is updated in place instead.
+        let body = Bytes::from_static(br#"{"model":"m","stream":true,"stream_options":{"x":1}}"#);
+        let p = Probe::read(&body).unwrap();
+        let v: Value = serde_json::from_slice(&rewrite(body.clone(), &p, "m", "m").body).unwrap();
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"x": 1, "include_usage": true})
         );
     }
 
