@@ -1,5 +1,6 @@
 //! RouterPool reconciliation steps.
 
+pub mod desired;
 pub mod render;
 
 use airouter_crds::CredentialSpec;

@@ -54,6 +54,14 @@ pub fn render_config(
     spec: &RouterPoolSpec,
     resolved: &Resolved,
 ) -> Result<RouterConfig, RenderError> {
+    if resolved.credentials.is_empty() {
+        // The data plane refuses a config without credentials; say so on the pool instead.
+        return Err(RenderError::Pool {
+            field: "spec.credentialSelector",
+            message: "selects no Credential whose Secrets resolved; label a Credential to match it"
+                .into(),
+        });
+    }
     let share = Share(spec.replicas.max(1) as u64);
     let mut credentials: Vec<&ResolvedCredential> = resolved.credentials.iter().collect();
     credentials.sort_by(|a, b| a.name.cmp(&b.name));
@@ -310,6 +318,17 @@ mod tests {
             "tk",
             "a pool target is called with its master key"
         );
+    }
+
+    #[test]
+    fn a_pool_without_credentials_is_refused() {
+        let empty = Resolved {
+            master_key: "m".into(),
+            admin_token: "a".into(),
+            credentials: vec![],
+        };
+        let err = render_config(&pool(), &empty).unwrap_err();
+        assert!(err.to_string().contains("spec.credentialSelector"), "{err}");
     }
 
     #[test]
