@@ -118,8 +118,7 @@ struct AttemptHandles {
 type AttemptKey = (Arc<str>, &'static str, u16);
 type ModelSeries = FastMap<Box<str>, Histogram>;
 
-/// Distinct (model, credential, status) series of `airouter_request_duration_seconds` kept
-/// before new model ids are labelled `other`.
+/// Distinct model ids that get their own `model` label value; later ones are `other`.
 const MAX_MODEL_LABELS: usize = 1024;
 
 /// Every metric the data plane exports.
@@ -128,6 +127,8 @@ pub struct Metrics {
     attempts: RwLock<FastMap<AttemptKey, AttemptHandles>>,
     /// (credential, status) → model id → series.
     done: RwLock<FastMap<(Arc<str>, u16), ModelSeries>>,
+    /// Model ids that have their own label value.
+    models: RwLock<std::collections::HashSet<Box<str>, ahash::RandomState>>,
     /// Serialises scrapes: gauges are refilled from state, then encoded.
     scrape: Mutex<()>,
     requests: Family<CredEndpointStatus, Counter>,
@@ -164,6 +165,7 @@ impl Metrics {
         let m = Metrics {
             attempts: RwLock::default(),
             done: RwLock::default(),
+            models: RwLock::default(),
             scrape: Mutex::new(()),
             requests: Family::default(),
             requests_duration: Family::new_with_constructor(upstream_buckets),
@@ -329,9 +331,7 @@ impl Metrics {
         }
     }
 
-    /// A request answered (the response head), by model id, credential and status. Model ids
-    /// beyond the first [`MAX_MODEL_LABELS`] are labelled `other`, so clients sending made-up
-    /// names cannot grow the metric set without bound.
+    /// A request answered (the response head), by model id, credential and status.
     pub fn request_done(
         &self,
         model: &str,
@@ -346,24 +346,40 @@ impl Metrics {
             .get(&key)
             .and_then(|by_model| by_model.get(model).cloned());
         let histogram = cached.unwrap_or_else(|| {
-            let mut done = self.done.write();
-            let series: usize = done.values().map(FastMap::len).sum();
-            let model = if series < MAX_MODEL_LABELS {
-                model
-            } else {
-                "other"
-            };
+            let label = self.model_label(model);
+            let capped = label == "other";
             let h = self.request_duration.get_or_create_owned(&ModelCredStatus {
-                model: model.to_owned(),
+                model: label,
                 credential: credential.to_string(),
                 status: status.to_string(),
             });
-            done.entry(key)
-                .or_default()
-                .insert(Box::from(model), h.clone());
+            // Past the cap the handle is not cached either: the cache stays bounded too.
+            if !capped {
+                self.done
+                    .write()
+                    .entry(key)
+                    .or_default()
+                    .insert(Box::from(model), h.clone());
+            }
             h
         });
         histogram.observe(duration.as_secs_f64());
+    }
+
+    /// The `model` label for a model id: the id itself for the first [`MAX_MODEL_LABELS`]
+    /// distinct ids, `other` after that, so clients sending made-up names (possible when no
+    /// `models[]` filter is configured) cannot grow the metric set without bound.
+    fn model_label(&self, model: &str) -> String {
+        if self.models.read().contains(model) {
+            return model.to_owned();
+        }
+        let mut models = self.models.write();
+        if models.len() < MAX_MODEL_LABELS {
+            models.insert(Box::from(model));
+            model.to_owned()
+        } else {
+            "other".to_owned()
+        }
     }
 
     pub fn tokens(&self, credential: &str, model: &str, usage: &crate::stream::TokenUsage) {
@@ -376,7 +392,7 @@ impl Metrics {
                 self.tokens
                     .get_or_create(&TokenLabels {
                         credential: credential.to_owned(),
-                        model: model.to_owned(),
+                        model: self.model_label(model),
                         kind: kind.to_owned(),
                     })
                     .inc_by(n);
@@ -397,7 +413,7 @@ impl Metrics {
     pub fn retry(&self, model: &str) {
         self.retries
             .get_or_create(&ModelLabel {
-                model: model.to_owned(),
+                model: self.model_label(model),
             })
             .inc();
     }
@@ -405,7 +421,7 @@ impl Metrics {
     pub fn fallback(&self, model: &str) {
         self.fallbacks
             .get_or_create(&ModelLabel {
-                model: model.to_owned(),
+                model: self.model_label(model),
             })
             .inc();
     }
@@ -413,7 +429,7 @@ impl Metrics {
     pub fn exhausted(&self, model: &str, reason: &str) {
         self.exhausted
             .get_or_create(&ModelReason {
-                model: model.to_owned(),
+                model: self.model_label(model),
                 reason: reason.to_owned(),
             })
             .inc();
@@ -422,7 +438,7 @@ impl Metrics {
     pub fn ban(&self, credential: &str, model: &str, code: u16) {
         let labels = CredModelCode {
             credential: credential.to_owned(),
-            model: model.to_owned(),
+            model: self.model_label(model),
             error_code: code.to_string(),
         };
         self.ban_events.get_or_create(&labels).inc();
@@ -433,7 +449,7 @@ impl Metrics {
         self.unban_events
             .get_or_create(&CredModel {
                 credential: credential.to_owned(),
-                model: model.to_owned(),
+                model: self.model_label(model),
             })
             .inc();
     }
@@ -503,3 +519,45 @@ impl Metrics {
 
 /// The content type of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::RouterConfig, runtime::Registry};
+
+    #[test]
+    fn made_up_model_names_cannot_grow_the_label_set() {
+        let m = Metrics::new();
+        let cred: Arc<str> = Arc::from("c");
+        for i in 0..(MAX_MODEL_LABELS + 50) {
+            let model = format!("made-up-{i}");
+            m.request_done(&model, &cred, 200, Duration::from_millis(1));
+            m.exhausted(&model, "rate_limited");
+        }
+        let config = RouterConfig::from_yaml(
+            "server: {master_key: k}\ncredentials: [{name: c, type: mock}]\n",
+            &|_| None,
+        )
+        .unwrap()
+        .config;
+        let text = m.render(&Runtime::compile(config, Arc::new(Registry::default())));
+        let exhausted: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("airouter_exhausted_total{"))
+            .collect();
+        assert_eq!(exhausted.len(), MAX_MODEL_LABELS + 1);
+        assert!(exhausted
+            .iter()
+            .any(|l| l.contains("model=\"other\"") && l.ends_with(" 50")));
+        let durations = text
+            .lines()
+            .filter(|l| l.starts_with("airouter_request_duration_seconds_count{"))
+            .count();
+        assert_eq!(durations, MAX_MODEL_LABELS + 1);
+        let cached: usize = m.done.read().values().map(FastMap::len).sum();
+        assert_eq!(
+            cached, MAX_MODEL_LABELS,
+            "the handle cache is bounded as well"
+        );
+    }
+}
