@@ -94,9 +94,10 @@ impl Limits for LocalLimits {
     }
 }
 
-/// Above this many pairs, idle ones (empty windows, no ban, no strikes) are dropped, so a
-/// client sending made-up model names cannot grow memory without bound.
+/// Above this many pairs, idle ones (empty windows, no ban, no strikes) are dropped.
 const MAX_IDLE_PAIRS: usize = 1024;
+/// Past this many active pairs, pairs without limits of their own are not tracked.
+const MAX_PAIRS: usize = 4096;
 
 /// Windows and bans of one credential and its pairs. Carried across config reloads while the
 /// credential's name still exists.
@@ -131,18 +132,22 @@ impl PairState {
 }
 
 impl CredInner {
-    fn insert_pair(&mut self, model: &str) {
+    /// Makes sure the pair has state; returns `false` (and keeps none) when the map is full of
+    /// active pairs and this one needs no state of its own: with no `models[]` filter a client
+    /// can send any number of made-up model names, and each would otherwise hold memory for a
+    /// minute. A pair with its own limits (`required`) always gets state.
+    fn ensure_pair(&mut self, model: &str, required: bool) -> bool {
+        if self.pairs.contains_key(model) {
+            return true;
+        }
         if self.pairs.len() >= MAX_IDLE_PAIRS {
             self.pairs.retain(|_, p| !p.is_idle());
         }
-        self.pairs.insert(Arc::from(model), PairState::default());
-    }
-
-    fn pair(&mut self, model: &str) -> &mut PairState {
-        if !self.pairs.contains_key(model) {
-            self.insert_pair(model);
+        if self.pairs.len() >= MAX_PAIRS && !required {
+            return false;
         }
-        self.pairs.get_mut(model).expect("inserted above")
+        self.pairs.insert(Arc::from(model), PairState::default());
+        true
     }
 }
 
@@ -169,39 +174,43 @@ impl CredState {
     pub fn admit(&self, model: &str, limits: &SlotLimits, now: Instant) -> Admission {
         let mut inner = self.inner.lock();
         let inner = &mut *inner;
-        if !inner.pairs.contains_key(model) {
-            inner.insert_pair(model);
-        }
+        let required = limits.model_rpm != Limit::Unlimited || limits.model_tpm != Limit::Unlimited;
+        let tracked = inner.ensure_pair(model, required);
         let CredInner {
             rpm,
             tpm,
             pairs,
             unbans,
         } = inner;
-        let pair = pairs.get_mut(model).expect("inserted above");
-        if pair.bans.lift_expired(now) && unbans.len() < MAX_UNBAN_EVENTS {
-            unbans.push(Arc::from(model));
-        }
-        if let Some(ban) = &pair.bans.ban {
-            return Admission::Banned { until: ban.until };
+        let mut pair = if tracked { pairs.get_mut(model) } else { None };
+        if let Some(pair) = pair.as_deref_mut() {
+            if pair.bans.lift_expired(now) && unbans.len() < MAX_UNBAN_EVENTS {
+                unbans.push(Arc::from(model));
+            }
+            if let Some(ban) = &pair.bans.ban {
+                return Admission::Banned { until: ban.until };
+            }
         }
         let mut frees_at: Option<Instant> = None;
         let mut full = false;
-        for (window, limit) in [
-            (&mut *rpm, limits.rpm),
-            (&mut *tpm, limits.tpm),
-            (&mut pair.rpm, limits.model_rpm),
-            (&mut pair.tpm, limits.model_tpm),
-        ] {
+        let mut check = |window: &mut Window, limit: Limit| {
             if !window.has_room(now, limit.get()) {
                 full = true;
                 frees_at = later(frees_at, window.frees_at(limit.get().unwrap_or(0)));
             }
+        };
+        check(rpm, limits.rpm);
+        check(tpm, limits.tpm);
+        if let Some(pair) = pair.as_deref_mut() {
+            check(&mut pair.rpm, limits.model_rpm);
+            check(&mut pair.tpm, limits.model_tpm);
         }
         if full {
             return Admission::Limited { frees_at };
         }
-        pair.rpm.add(now, 1);
+        if let Some(pair) = pair {
+            pair.rpm.add(now, 1);
+        }
         rpm.add(now, 1);
         Admission::Admitted
     }
@@ -212,7 +221,11 @@ impl CredState {
         }
         let mut inner = self.inner.lock();
         inner.tpm.add(now, tokens);
-        inner.pair(model).tpm.add(now, tokens);
+        if inner.ensure_pair(model, false) {
+            if let Some(pair) = inner.pairs.get_mut(model) {
+                pair.tpm.add(now, tokens);
+            }
+        }
     }
 
     pub fn record_outcome(
@@ -226,7 +239,14 @@ impl CredState {
         if (200..300).contains(&outcome.status) && !inner.pairs.contains_key(model) {
             return None; // nothing to reset
         }
-        inner.pair(model).bans.record(outcome, policy, now)
+        if !inner.ensure_pair(model, false) {
+            return None;
+        }
+        inner
+            .pairs
+            .get_mut(model)?
+            .bans
+            .record(outcome, policy, now)
     }
 
     /// Models whose ban expired since the last call.
@@ -353,6 +373,35 @@ mod tests {
         assert!(matches!(s.admit("m", &l, t0), Admission::Limited { .. }));
         let u = s.usage(t0);
         assert_eq!((u.rpm, u.tpm, u.pairs[0].tpm), (2, 24, 24));
+    }
+
+    #[test]
+    fn made_up_models_cannot_grow_pair_state_without_bound() {
+        let s = CredState::default();
+        let t0 = Instant::now();
+        let unlimited = SlotLimits::default();
+        for i in 0..(MAX_PAIRS + 500) {
+            assert_eq!(
+                s.admit(&format!("m{i}"), &unlimited, t0),
+                Admission::Admitted
+            );
+        }
+        assert_eq!(s.inner.lock().pairs.len(), MAX_PAIRS);
+        assert_eq!(
+            s.usage(t0).rpm,
+            (MAX_PAIRS + 500) as u64,
+            "the credential window still counts them all"
+        );
+        // A pair with limits of its own is still enforced.
+        let limited = SlotLimits {
+            model_rpm: Limit::PerMinute(1),
+            ..Default::default()
+        };
+        assert_eq!(s.admit("configured", &limited, t0), Admission::Admitted);
+        assert!(matches!(
+            s.admit("configured", &limited, t0),
+            Admission::Limited { .. }
+        ));
     }
 
     #[test]
