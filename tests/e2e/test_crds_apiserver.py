@@ -69,7 +69,7 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("manifest,message", REFUSED, ids=[m.split("name: ")[1].split(",")[0] for m, _ in REFUSED])
+@pytest.mark.parametrize("manifest,message", REFUSED, ids=[m.split("name: ")[1].split("}")[0].split(",")[0] for m, _ in REFUSED])
 def test_bad_objects_are_refused_with_the_rules_message(kubectl, manifest, message):
     out = kubectl("-n", "crds", "apply", "-f", "-", stdin=manifest, check=False)
     assert out.returncode != 0, f"accepted:\n{manifest}"

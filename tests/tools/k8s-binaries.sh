@@ -76,7 +76,7 @@ PY
 fi
 
 "$BIN/kube-apiserver" --version >&2
-"$BIN/etcd" --version | head -1 >&2
+"$BIN/etcd" --version >&2
 "$BIN/kubectl" version --client >&2
 "$BIN/helm" version --short >&2
 echo "$BIN"
