@@ -1,6 +1,7 @@
 //! RouterPool reconciliation steps.
 
 pub mod desired;
+pub mod push;
 pub mod render;
 
 use airouter_crds::CredentialSpec;
