@@ -458,4 +458,23 @@ mod tests {
             &two.credentials[0].state
         ));
     }
+
+    #[test]
+    fn cursors_are_bounded() {
+        let registry = Registry::default();
+        for i in 0..(MAX_CURSORS + 10) {
+            registry.cursor(&format!("made-up-{i}"));
+        }
+        assert_eq!(registry.cursors.read().len(), MAX_CURSORS);
+        let a = registry.cursor("made-up-0");
+        assert!(
+            Arc::ptr_eq(&a, &registry.cursor("made-up-0")),
+            "known models keep their cursor"
+        );
+        let late = registry.cursor("another-new-one");
+        assert!(
+            Arc::ptr_eq(&late, &registry.overflow),
+            "new names share one cursor past the cap"
+        );
+    }
 }
