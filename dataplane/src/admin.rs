@@ -224,9 +224,6 @@ fn state(app: &App, rt: &Runtime) -> State {
                 }
             }
             pairs.sort_by(|a, b| a.model.cmp(&b.model));
-            let banned = usage.pairs.iter().any(|p| p.ban.is_some());
-            let at_limit = cred.rpm.get().is_some_and(|l| usage.rpm >= l)
-                || cred.tpm.get().is_some_and(|l| usage.tpm >= l);
             let last_error = usage
                 .pairs
                 .iter()
@@ -238,7 +235,7 @@ fn state(app: &App, rt: &Runtime) -> State {
                 kind: cred.kind.as_str(),
                 is_fallback: cred.is_fallback,
                 supported: cred.kind.is_supported(),
-                available: cred.kind.is_supported() && !banned && !at_limit,
+                available: cred.is_available(&usage),
                 rpm: Window {
                     used: usage.rpm,
                     limit: cred.rpm.as_i64(),

@@ -15,8 +15,9 @@ use crate::{
     app::App,
     body::RespBody,
     config::CredentialType,
+    config::Limit,
     error::json_response,
-    limit::CredUsage,
+    limit::{CredUsage, PairUsage},
     remote::{RemoteHealth, RemoteStatus},
     runtime::Runtime,
 };
@@ -113,11 +114,9 @@ pub fn health(rt: &Runtime, remote: &RemoteHealth) -> Response<RespBody> {
                 *banned_counts.entry(code.to_string()).or_insert(0) += n;
             }
         }
-        let is_banned = usage.pairs.iter().any(|p| p.ban.is_some());
-        let at_limit = cred.rpm.get().is_some_and(|l| usage.rpm >= l)
-            || cred.tpm.get().is_some_and(|l| usage.tpm >= l);
+        let is_banned = usage.any_ban();
         banned += usize::from(is_banned);
-        available += usize::from(!is_banned && !at_limit && cred.kind.is_supported());
+        available += usize::from(cred.is_available(usage));
         credentials.insert(
             &*cred.name,
             CredentialHealth {
@@ -143,42 +142,23 @@ pub fn health(rt: &Runtime, remote: &RemoteHealth) -> Response<RespBody> {
         let pair = usages[slot.cred].pairs.iter().find(|p| p.model == model);
         models.insert(
             format!("{}:{}", cred.name, model),
-            PairHealth {
-                credential: &cred.name,
-                model: model.to_owned(),
-                is_banned: pair.is_some_and(|p| p.ban.is_some()),
-                current_rpm: pair.map_or(0, |p| p.rpm),
-                current_tpm: pair.map_or(0, |p| p.tpm),
-                limit_rpm: slot.model_rpm.as_i64(),
-                limit_tpm: slot.model_tpm.as_i64(),
-                error_code_counts: pair
-                    .filter(|p| p.ban.is_some())
-                    .map(|p| p.strikes.iter().map(|(c, n)| (c.to_string(), *n)).collect())
-                    .unwrap_or_default(),
-            },
+            pair_health(&cred.name, model, pair, slot.model_rpm, slot.model_tpm),
         );
     }
     // Pairs that only exist in the state (models no `models[]` entry names).
     for (cred, usage) in rt.credentials.iter().zip(&usages) {
         for pair in &usage.pairs {
-            let key = format!("{}:{}", cred.name, pair.model);
-            models.entry(key).or_insert_with(|| PairHealth {
-                credential: &cred.name,
-                model: pair.model.clone(),
-                is_banned: pair.ban.is_some(),
-                current_rpm: pair.rpm,
-                current_tpm: pair.tpm,
-                limit_rpm: -1,
-                limit_tpm: -1,
-                error_code_counts: if pair.ban.is_some() {
-                    pair.strikes
-                        .iter()
-                        .map(|(c, n)| (c.to_string(), *n))
-                        .collect()
-                } else {
-                    BTreeMap::new()
-                },
-            });
+            models
+                .entry(format!("{}:{}", cred.name, pair.model))
+                .or_insert_with(|| {
+                    pair_health(
+                        &cred.name,
+                        &pair.model,
+                        Some(pair),
+                        Limit::Unlimited,
+                        Limit::Unlimited,
+                    )
+                });
         }
     }
     let doc = Health {
@@ -199,6 +179,29 @@ pub fn health(rt: &Runtime, remote: &RemoteHealth) -> Response<RespBody> {
         StatusCode::SERVICE_UNAVAILABLE
     };
     json_response(status, to_json(&doc))
+}
+
+fn pair_health<'a>(
+    credential: &'a str,
+    model: &str,
+    pair: Option<&PairUsage>,
+    rpm: Limit,
+    tpm: Limit,
+) -> PairHealth<'a> {
+    let banned = pair.filter(|p| p.ban.is_some());
+    PairHealth {
+        credential,
+        model: model.to_owned(),
+        is_banned: banned.is_some(),
+        current_rpm: pair.map_or(0, |p| p.rpm),
+        current_tpm: pair.map_or(0, |p| p.tpm),
+        limit_rpm: rpm.as_i64(),
+        limit_tpm: tpm.as_i64(),
+        // Upstream lists the failure counts of banned pairs only.
+        error_code_counts: banned
+            .map(|p| p.strikes.iter().map(|(c, n)| (c.to_string(), *n)).collect())
+            .unwrap_or_default(),
+    }
 }
 
 /// LiteLLM-style readiness (spec §9.3); 503 while shutting down.

@@ -53,6 +53,12 @@ pub struct Credential {
 }
 
 impl Credential {
+    /// Whether `/health` and `/admin/state` count the credential as available: a supported
+    /// type, no banned model, and room in its own windows.
+    pub fn is_available(&self, usage: &crate::limit::CredUsage) -> bool {
+        self.kind.is_supported() && !usage.any_ban() && !usage.at_limit(self.rpm, self.tpm)
+    }
+
     pub fn tier(&self) -> Tier {
         if self.is_fallback {
             Tier::Fallback

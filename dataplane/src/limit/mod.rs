@@ -170,6 +170,18 @@ pub struct CredUsage {
     pub pairs: Vec<PairUsage>,
 }
 
+impl CredUsage {
+    /// Some model of the credential is banned.
+    pub fn any_ban(&self) -> bool {
+        self.pairs.iter().any(|p| p.ban.is_some())
+    }
+
+    /// The credential's own RPM or TPM window is full.
+    pub fn at_limit(&self, rpm: Limit, tpm: Limit) -> bool {
+        rpm.get().is_some_and(|l| self.rpm >= l) || tpm.get().is_some_and(|l| self.tpm >= l)
+    }
+}
+
 impl CredState {
     pub fn admit(&self, model: &str, limits: &SlotLimits, now: Instant) -> Admission {
         let mut inner = self.inner.lock();
