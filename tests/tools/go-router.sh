@@ -5,6 +5,11 @@
 # on stdout. Progress and errors go to stderr.
 #
 # Environment:
+#   GO_ROUTER_BIN      path of an already built binary. When it is set and
+#                      executable, it is printed and the script exits 0 without
+#                      touching the network (for machines where the module proxy
+#                      does not serve the module and the binary was built some
+#                      other way). Set but not executable: exit 1.
 #   GO_ROUTER_VERSION  module version to build (default: $DEFAULT_VERSION below).
 #                      "latest" is resolved through the proxy to a concrete
 #                      version, which then names the cache directory.
@@ -33,6 +38,16 @@ VERSION="${GO_ROUTER_VERSION:-$DEFAULT_VERSION}"
 BIN_NAME="${PKG##*/}"
 
 log() { printf 'go-router.sh: %s\n' "$*" >&2; }
+
+if [[ -n "${GO_ROUTER_BIN:-}" ]]; then
+    if [[ -x "$GO_ROUTER_BIN" && ! -d "$GO_ROUTER_BIN" ]]; then
+        log "using prebuilt GO_ROUTER_BIN=$GO_ROUTER_BIN"
+        printf '%s\n' "$(cd "$(dirname "$GO_ROUTER_BIN")" && pwd)/$(basename "$GO_ROUTER_BIN")"
+        exit 0
+    fi
+    log "error: GO_ROUTER_BIN=$GO_ROUTER_BIN is not an executable file"
+    exit 1
+fi
 
 if ! command -v go >/dev/null 2>&1; then
     if [[ -x /usr/local/go/bin/go ]]; then
