@@ -23,9 +23,12 @@ import time
 import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-REL = ROOT / "target" / "release"
+REL = pathlib.Path(os.environ.get("BENCH_BIN_DIR") or ROOT / "target" / "release")  # BENCH_BIN_DIR: for smoke runs
 OHA = os.environ["OHA"]
 LITELLM = os.environ.get("LITELLM")  # path to the litellm executable, or empty to skip
+GO_NAME = "Go Auto AI Router"
+GO_ROUTER: str | None = None  # resolved by resolve_go_router(): GO_ROUTER_BIN or tests/tools/go-router.sh
+GO_ROUTER_NOTE = ""  # why the Go router is not measured, when it is not
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 DURATION = os.environ.get("BENCH_DURATION", "8s")
 LOADGEN_CPU, SUT_CPU = "0", "1"
@@ -163,10 +166,79 @@ general_settings:
     return path
 
 
+def resolve_go_router() -> None:
+    """The Go peer: `GO_ROUTER_BIN` if set, else whatever `tests/tools/go-router.sh` builds
+    (it honours GO_ROUTER_BIN itself; exit 3 = the module proxy does not serve the module)."""
+    global GO_ROUTER, GO_ROUTER_NOTE
+    if os.environ.get("BENCH_NO_GO"):
+        GO_ROUTER_NOTE = "skipped (BENCH_NO_GO set)"
+        return
+    try:
+        out = subprocess.run(["bash", str(ROOT / "tests" / "tools" / "go-router.sh")], capture_output=True,
+                             text=True, timeout=1800, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        GO_ROUTER_NOTE = "tests/tools/go-router.sh timed out"
+        return
+    if out.returncode == 0 and out.stdout.strip():
+        GO_ROUTER = out.stdout.strip().splitlines()[-1]
+        return
+    why = " ".join(out.stderr.strip().splitlines()[-2:])
+    GO_ROUTER_NOTE = (f"the Go module proxy does not serve `github.com/mixaill76/auto_ai_router` (go-router.sh exit 3; "
+                      f"set GO_ROUTER_BIN to a prebuilt binary): {why}" if out.returncode == 3
+                      else f"tests/tools/go-router.sh failed (exit {out.returncode}): {why}")
+    print(f"bench: Go router not measured: {GO_ROUTER_NOTE}", file=sys.stderr)
+
+
+def go_router_config(mock_port: int, port: int) -> pathlib.Path:
+    """The same topology as airouter_config, in Auto AI Router's format (`-config FILE`).
+
+    Differences forced by the Go router: `models[]` entries name the four primaries one by
+    one, because an older upstream puts every credential (fallbacks too) into the normal
+    round-robin and a global entry would send 1/5 of the traffic through the fallback proxy;
+    `fail2ban` must be present (its max_attempts has no default there); `model_alias` is
+    written but only newer upstream builds read it."""
+    up = f"http://127.0.0.1:{mock_port}"
+    prim = "".join(f"""  - {{name: primary-{i}, type: openai, api_key: sk-{i}, base_url: "{up}", rpm: 100000000, tpm: 100000000000}}
+""" for i in range(1, 5))
+    models = "".join(f"""  - {{name: gpt-4o-mini, credential: primary-{i}, rpm: 100000000, tpm: 0}}
+""" for i in range(1, 5))
+    cfg = f"""server:
+  port: {port}
+  master_key: {KEY}
+  logging_level: error
+  max_body_size_mb: 100
+  request_timeout: 60s
+  max_provider_retries: 2
+  default_models_rpm: -1
+fail2ban:
+  max_attempts: 3
+  ban_duration: 1m
+  error_codes: [401, 403, 500]
+monitoring:
+  prometheus_enabled: false
+credentials:
+{prim}  - {{name: backup, type: proxy, api_key: sk-5, base_url: "{up}", is_fallback: true}}
+models:
+{models}model_alias:
+  fast: gpt-4o-mini
+"""
+    path = TMP / f"go-router-{port}.yaml"
+    path.write_text(cfg)
+    return path
+
+
+def start_go_router(mock_port: int) -> tuple[str, subprocess.Popen]:
+    assert GO_ROUTER
+    p = free_port()
+    go = start([GO_ROUTER, "-config", str(go_router_config(mock_port, p))], log=f"go-router-{p}")
+    wait_http(f"http://127.0.0.1:{p}/health")
+    return f"http://127.0.0.1:{p}", go
+
+
 class Stack:
     """A mock provider and every target in front of it."""
 
-    def __init__(self, mock_args: list[str], with_litellm: bool):
+    def __init__(self, mock_args: list[str], with_litellm: bool, with_go: bool = True):
         self.mock_port = free_port()
         self.mock = start([str(REL / "bench-mock"), "--listen", f"127.0.0.1:{self.mock_port}", *mock_args], log="mock")
         wait_http(f"http://127.0.0.1:{self.mock_port}/v1/models")
@@ -180,6 +252,8 @@ class Stack:
         ar = start([str(REL / "airouter"), "run", "--config", str(airouter_config(self.mock_port, p))], log="airouter")
         wait_http(f"http://127.0.0.1:{p}/health/readiness")
         self.targets["airouter"] = (f"http://127.0.0.1:{p}", ar)
+        if with_go and GO_ROUTER:
+            self.targets[GO_NAME] = start_go_router(self.mock_port)
         if with_litellm and LITELLM:
             p = free_port()
             ll = start([LITELLM, "--config", str(litellm_config(self.mock_port)), "--host", "127.0.0.1",
@@ -209,6 +283,9 @@ def us(x: float) -> str:
 
 
 def main() -> int:
+    resolve_go_router()
+    if "--smoke-go" in sys.argv:
+        return smoke_go()
     results: dict = {"machine": machine()}
     rows: list[str] = []
     try:
@@ -246,6 +323,8 @@ def main() -> int:
         # (6) idle RSS, after warm-up traffic and a quiet second
         time.sleep(1.0)
         results["idle_rss_kb"] = rss_kb(child_pid(stack.targets["airouter"][1]))
+        if GO_NAME in stack.targets:
+            results["go_idle_rss_kb"] = rss_kb(child_pid(stack.targets[GO_NAME][1]))
         stack.close()
 
         # (4) streaming: 20 chunks 2 ms apart
@@ -254,7 +333,9 @@ def main() -> int:
         for _ in range(RUNS):
             for n, (base, _) in stack.targets.items():
                 d = stream_probe(base + "/v1/chat/completions", "latency", "--streams", "1500", "--concurrency", "4")
-                assert d["errors"] == 0, d
+                if n == GO_NAME and d["errors"]:
+                    results.setdefault("go_stream_errors", []).append(d["errors"])
+                assert n == GO_NAME or d["errors"] == 0, d
                 sl[n]["ttfc_p50"].append(d["ttfc_us"]["p50"])
                 sl[n]["ttfc_p99"].append(d["ttfc_us"]["p99"])
                 sl[n]["gap_p50"].append(d["gap_us"]["p50"])
@@ -263,7 +344,7 @@ def main() -> int:
         stack.close()
 
         # (5) 5,000 concurrent open streams (20 chunks 500 ms apart: ~10 s each)
-        stack = Stack(["--chunks", "20", "--chunk-interval-ms", "500"], with_litellm=False)
+        stack = Stack(["--chunks", "20", "--chunk-interval-ms", "500"], with_litellm=False, with_go=False)
         base, ar = stack.targets["airouter"]
         pid = child_pid(ar)
         held = []
@@ -289,9 +370,41 @@ def main() -> int:
     finally:
         stop_all()
 
+    results["go_router"] = {"binary": GO_ROUTER, "note": GO_ROUTER_NOTE}
     (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2))
     write_markdown(results)
     print((ROOT / "bench" / "RESULTS.md").read_text())
+    return 0
+
+
+def smoke_go() -> int:
+    """`bench.py --smoke-go`: a short run of the Go peer alone (mock + Go router, the bench
+    topology): warm-up, concurrency 1, 64 connections for 2 s, a streaming probe, idle RSS.
+    Proves the Go-peer part of the suite works without running the whole suite."""
+    if not GO_ROUTER:
+        print(f"Go router unavailable: {GO_ROUTER_NOTE}", file=sys.stderr)
+        return 3
+    out: dict = {"binary": GO_ROUTER}
+    try:
+        mock_port = free_port()
+        start([str(REL / "bench-mock"), "--listen", f"127.0.0.1:{mock_port}", "--chunks", "20",
+               "--chunk-interval-ms", "2"], log="mock")
+        wait_http(f"http://127.0.0.1:{mock_port}/v1/models")
+        base, go = start_go_router(mock_port)
+        url = base + "/v1/chat/completions"
+        oha(url, "-n", "200", "-c", "4")
+        d = oha(url, "-n", "500", "-c", "1")
+        out["c1_p50_us"] = d["latencyPercentiles"]["p50"] * 1e6
+        out["c1_p99_us"] = d["latencyPercentiles"]["p99"] * 1e6
+        d = oha(url, "-z", "2s", "-c", "64")
+        out["c64_rps"] = d["summary"]["requestsPerSec"]
+        d = stream_probe(url, "latency", "--streams", "100", "--concurrency", "4")
+        out["stream"] = {"errors": d["errors"], "ttfc_p50_us": d["ttfc_us"]["p50"], "gap_p99_us": d["gap_us"]["p99"]}
+        time.sleep(1.0)
+        out["idle_rss_kb"] = rss_kb(child_pid(go))
+    finally:
+        stop_all()
+    print(json.dumps(out, indent=2))
     return 0
 
 
@@ -310,6 +423,7 @@ def machine() -> dict:
         "litellm": ver([sys.executable, "-c", "print('n/a')"]) if not LITELLM else ver(
             [str(pathlib.Path(LITELLM).parent / "python"), "-c", "import importlib.metadata as m; print(m.version('litellm'))"]),
         "airouter": ver([str(REL / "airouter"), "--version"]),
+        "go_router": GO_ROUTER or "not measured",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
@@ -340,7 +454,11 @@ def write_markdown(r: dict) -> None:
     row("throughput vs bare pass-through", f"{ar_rps / pt_rps:.2f}×", "≥ 0.85×", ar_rps / pt_rps >= 0.85)
     if ll_rps:
         row("throughput vs LiteLLM proxy", f"{ar_rps / ll_rps:.1f}×", "≥ 20×", ar_rps / ll_rps >= 20)
-    s.append("| throughput vs Go Auto AI Router | not measured | ≥ 3× | — |")
+    go_rps = med(rps[GO_NAME]) if GO_NAME in rps else None
+    if go_rps:
+        row("throughput vs Go Auto AI Router", f"{ar_rps / go_rps:.1f}×", "≥ 3×", ar_rps / go_rps >= 3)
+    else:
+        s.append("| throughput vs Go Auto AI Router | not measured | ≥ 3× | — |")
     a50 = med(lat["airouter"]["p50"]) - d50
     a99 = med(lat["airouter"]["p99"]) - d99
     row("added latency, concurrency 1, p50", us(a50), "≤ 50 µs", a50 <= 50)
@@ -351,9 +469,12 @@ def write_markdown(r: dict) -> None:
     row("idle RSS", f"{idle_mb:.1f} MB", "≤ 20 MB", idle_mb <= 20)
     peak_mb = med([h["rss_kb"] for h in held]) / 1024
     row("RSS with 5,000 open streams", f"{peak_mb:.1f} MB", "≤ 100 MB", peak_mb <= 100)
-    s.append("\nThe Go Auto AI Router could not be measured: the Go module proxy answers 403 for "
-             "`github.com/mixaill76/auto_ai_router` on this network (`tests/tools/go-router.sh` builds it where "
-             "the module is served).\n")
+    gr = r.get("go_router") or {}
+    if go_rps:
+        s.append(f"\nGo Auto AI Router: `{gr.get('binary')}` (from `GO_ROUTER_BIN` or `tests/tools/go-router.sh`), same "
+                 "topology (`bench/bench.py: go_router_config`); it is in scenarios 1–4 and 6.\n")
+    else:
+        s.append(f"\nThe Go Auto AI Router was not measured: {gr.get('note') or 'unknown reason'}.\n")
 
     s.append("## (1) Added latency at concurrency 1\n")
     s.append("| target | p50 | p99 | added p50 | added p99 |\n|---|---|---|---|---|")
@@ -381,6 +502,10 @@ def write_markdown(r: dict) -> None:
     for i, h in enumerate(held, 1):
         s.append(f"| {i} | {h['opened']} | {h['completed']} | {h['rss_kb'] / 1024:.1f} MB | {h['cpu_pct']:.0f} % |")
     s.append(f"\n## (6) Idle RSS\n\nairouter after warm-up traffic, idle: {idle_mb:.1f} MB.\n")
+    if r.get("go_idle_rss_kb"):
+        s.append(f"Go Auto AI Router after the same warm-up traffic, idle: {r['go_idle_rss_kb'] / 1024:.1f} MB.\n")
+    if r.get("go_stream_errors"):
+        s.append(f"Go Auto AI Router streaming errors per run: {r['go_stream_errors']}.\n")
     notes = ROOT / "bench" / "NOTES.md"
     if notes.exists():
         s.append(notes.read_text())

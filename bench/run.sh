@@ -2,6 +2,9 @@
 # airouter benchmark suite: builds everything, installs the load generator (oha) and the
 # LiteLLM peer into ~/.cache/airouter (cached by version), runs every scenario and writes
 # bench/RESULTS.md. Takes about 10 minutes. Set BENCH_NO_LITELLM=1 to skip LiteLLM.
+# The Go Auto AI Router peer comes from GO_ROUTER_BIN (a prebuilt binary) or
+# tests/tools/go-router.sh; BENCH_NO_GO=1 skips it. `python3 bench/bench.py --smoke-go`
+# (with OHA set) runs only a short check of the Go peer.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
