@@ -39,6 +39,10 @@ enum Command {
         /// Log line format.
         #[arg(long, env = "AIROUTER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
+        /// Listen on this address instead of `server.host` (for example the pod IP from the
+        /// downward API); both listeners use it, and config pushes never change it.
+        #[arg(long, env = "AIROUTER_LISTEN_HOST")]
+        listen_host: Option<String>,
     },
     /// Validate a config file: print every problem with its field path; exit 64 if invalid.
     CheckConfig {
@@ -81,7 +85,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(normalise_args(std::env::args().collect()));
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
-        Command::Run { config, log_format } => run(&config, log_format),
+        Command::Run {
+            config,
+            log_format,
+            listen_host,
+        } => run(&config, log_format, listen_host),
     }
 }
 
@@ -147,7 +155,7 @@ fn init_tracing(level: LogLevel, format: LogFormat) {
     }
 }
 
-fn run(path: &Path, log_format: LogFormat) -> ExitCode {
+fn run(path: &Path, log_format: LogFormat, listen_host: Option<String>) -> ExitCode {
     let loaded = match load(path) {
         Ok(loaded) => loaded,
         Err(e) => {
@@ -172,7 +180,7 @@ fn run(path: &Path, log_format: LogFormat) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(loaded.config, path.to_path_buf())) {
+    match runtime.block_on(serve(loaded.config, path.to_path_buf(), listen_host)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -181,26 +189,27 @@ fn run(path: &Path, log_format: LogFormat) -> ExitCode {
     }
 }
 
-async fn serve(config: RouterConfig, path: PathBuf) -> anyhow::Result<()> {
+async fn serve(
+    config: RouterConfig,
+    path: PathBuf,
+    listen_host: Option<String>,
+) -> anyhow::Result<()> {
     let server = config.server.clone();
+    let host = listen_host.unwrap_or_else(|| server.host.clone());
     let app = App::new(config, Some(path));
     let rt = app.current();
     for cred in rt.unsupported_credentials() {
         warn!(credential = %cred.name, r#type = %cred.kind, "credential type has no adapter yet; it is never selected");
     }
-    let listener = server::bind(&server.host, server.port).await.map_err(|e| {
+    let listener = server::bind(&host, server.port).await.map_err(|e| {
         anyhow::anyhow!(
-            "cannot listen on {}:{} (server.host/server.port): {e}",
-            server.host,
+            "cannot listen on {host}:{} (server.host/server.port): {e}",
             server.port
         )
     })?;
     let admin = match server.admin_port {
-        Some(port) => Some(server::bind(&server.host, port).await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on {}:{port} (server.admin_port): {e}",
-                server.host
-            )
+        Some(port) => Some(server::bind(&host, port).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen on {host}:{port} (server.admin_port): {e}")
         })?),
         None => None,
     };

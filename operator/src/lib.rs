@@ -1,8 +1,19 @@
-//! airouter operator. A RouterPool is reconciled as typed steps (design §1, style §11.3):
-//! resolve (I/O: Credentials, Secrets, proxy targets) → [`router_pool::render`] (pure: the
-//! data plane's own `RouterConfig`) → apply → push → status.
+//! airouter operator: reconciles `Credential` and `RouterPool` resources (crate `airouter-crds`)
+//! into a running, live-updated data plane.
 //!
-//! This release has the pure steps ([`router_pool::render`], [`router_pool::desired`]) and the
-//! push to pods ([`router_pool::push`]); resolve, apply, status and the controller are next.
+//! - [`router_pool`]: the pool pipeline — resolve (I/O) → render and desired state (pure) →
+//!   server-side apply (I/O) → push the config to every ready pod's admin port (I/O) → status
+//!   (pure build, written only on change).
+//! - [`credential`]: Credential status — `Ready`, the pools using it, and the live state read
+//!   from the data plane's `/admin/state`.
+//! - [`triggers`]: which watch events reach which objects; [`controller`]: the wiring;
+//!   [`leader`]: Lease-based leader election; [`metrics`]: Prometheus metrics and probes.
 
+pub mod context;
+pub mod controller;
+pub mod credential;
+pub mod error;
+pub mod leader;
+pub mod metrics;
 pub mod router_pool;
+pub mod triggers;

@@ -1,41 +1,16 @@
 """The generated CRDs against a real kube-apiserver (+ etcd) on loopback, through real kubectl:
 they install, bad objects are refused with the schema rule's message, defaults and printer
-columns work. The control plane comes from tests/tools/control-plane.sh (binaries built once
-from the Go module proxy and cached by version)."""
+columns work. The control plane (conftest.py) comes from tests/tools/control-plane.sh (binaries
+built once from the Go module proxy and cached by version)."""
 
 from __future__ import annotations
 
-import pathlib
-import subprocess
-import tempfile
-
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "tests" / "tools" / "control-plane.sh"
-CRDS = ROOT / "charts" / "airouter" / "crds"
 
-
-@pytest.fixture(scope="module")
-def kubectl():
-    d = pathlib.Path(tempfile.mkdtemp(prefix="airouter-cp-"))
-    subprocess.run(["bash", str(SCRIPT), "start", str(d)], check=True, timeout=1800)
-    binary = pathlib.Path((d / "bin").read_text().strip()) / "kubectl"
-    env = {"KUBECONFIG": str(d / "admin.kubeconfig"), "PATH": "/usr/bin:/bin"}
-
-    def run(*args, stdin: str | None = None, check: bool = True):
-        out = subprocess.run([str(binary), *args], input=stdin, capture_output=True, text=True, env=env, timeout=60)
-        if check and out.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed: {out.stderr}")
-        return out
-
-    try:
-        run("apply", "--server-side", "-f", str(CRDS))
-        run("wait", "--for=condition=Established", "crd/credentials.airouter.dev", "crd/routerpools.airouter.dev", "--timeout=60s")
-        run("create", "namespace", "crds")
-        yield run
-    finally:
-        subprocess.run(["bash", str(SCRIPT), "stop", str(d)], timeout=60)
+@pytest.fixture(scope="module", autouse=True)
+def crds_namespace(kubectl):
+    kubectl("create", "namespace", "crds")
 
 
 def credential(name: str, spec: str) -> str:

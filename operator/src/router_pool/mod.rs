@@ -1,10 +1,45 @@
-//! RouterPool reconciliation steps.
+//! RouterPool reconciliation, as typed steps (design §1, style §11.3):
+//!
+//! [`resolve`] (I/O: Credentials, Secrets, proxy targets) → [`render`] (pure: the data
+//! plane's own `RouterConfig`) → [`desired`] (pure: the objects the pool owns) → [`apply`]
+//! (I/O: server-side apply) → [`push`] (I/O: `PUT /admin/config` to every ready pod) →
+//! [`status`] (pure build, then a write only when it changed).
 
+pub mod apply;
 pub mod desired;
+pub mod pods;
 pub mod push;
 pub mod render;
+pub mod resolve;
+pub mod status;
 
-use airouter_crds::CredentialSpec;
+use std::{sync::Arc, time::Instant};
+
+use airouter_crds::{
+    condition::{Condition, ConditionStatus},
+    CredentialSpec, RouterPool, FIELD_MANAGER,
+};
+use kube::{
+    api::{Api, Patch, PatchParams},
+    runtime::controller::Action,
+    Resource, ResourceExt,
+};
+use serde_json::json;
+use tracing::{debug, info, instrument};
+
+use self::{
+    push::{PodOutcome, PushReport},
+    resolve::CredentialProblem,
+    status::{Observed, Refused, Synced},
+};
+use crate::{
+    context::{now, Context},
+    error::{Error, Result},
+    metrics::OutcomeLabels,
+    triggers::Pool,
+};
+
+pub const CONTROLLER: &str = "routerpool";
 
 /// What the resolve step found for one pool: the hand-off to [`render::render_config`].
 #[derive(Clone, Debug, PartialEq)]
@@ -35,4 +70,192 @@ pub struct ResolvedCredential {
 pub struct ProxyTarget {
     pub url: String,
     pub master_key: String,
+}
+
+/// The outcome of resolve → render → apply → push.
+struct Pushed {
+    hash: String,
+    primary: i32,
+    fallback: i32,
+    skipped: Vec<(String, CredentialProblem)>,
+    report: PushReport,
+}
+
+/// Reconciles one RouterPool.
+#[instrument(skip_all, fields(pool = %obj.name_any(), namespace = ?obj.namespace()))]
+pub async fn reconcile(obj: Arc<Pool>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let namespace = obj
+        .namespace()
+        .ok_or(desired::MissingMetadata("namespace"))?;
+    let name = obj.name_any();
+    let api: Api<RouterPool> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pool = match &obj.0 {
+        Ok(pool) => pool,
+        Err(invalid) => {
+            let err = Error::Malformed {
+                kind: "RouterPool",
+                name: name.clone(),
+                message: invalid.error.clone(),
+            };
+            malformed(&api, &name, obj.meta().generation, &err).await?;
+            ctx.publish(
+                &obj.object_ref(&()),
+                status::Note {
+                    type_: kube::runtime::events::EventType::Warning,
+                    reason: err.reason().into(),
+                    message: err.to_string(),
+                },
+            )
+            .await;
+            ctx.metrics
+                .reconciled(CONTROLLER, started.elapsed(), "user_error");
+            return Ok(Action::await_change());
+        }
+    };
+
+    let ready_pods = {
+        let pods = ctx.pods.state();
+        pods::targets(pods.iter().map(|p| p.as_ref()), &namespace, &name)
+    };
+    let pushed = sync(&ctx, pool, &namespace, &ready_pods).await;
+    let (config, action, result) = match &pushed {
+        Ok(p) => {
+            let all = p.report.synced(&p.hash) == ready_pods.len();
+            let action = if all {
+                Action::requeue(ctx.settings.resync)
+            } else {
+                // A pod that missed the push is retried soon (it also reads the Secret).
+                Action::requeue(std::time::Duration::from_secs(5))
+            };
+            (
+                Ok(Synced {
+                    hash: &p.hash,
+                    primary: p.primary,
+                    fallback: p.fallback,
+                    skipped: &p.skipped,
+                    report: &p.report,
+                }),
+                action,
+                "ok",
+            )
+        }
+        Err(e) if e.is_user_error() => (
+            Err(Refused {
+                reason: e.reason(),
+                message: e.to_string(),
+            }),
+            Action::await_change(),
+            "user_error",
+        ),
+        Err(_) => {
+            ctx.metrics
+                .reconciled(CONTROLLER, started.elapsed(), "error");
+            return Err(pushed.err().expect("matched Err"));
+        }
+    };
+    let observed = Observed {
+        ready_replicas: ready_pods.len() as i32,
+        config,
+    };
+    let status = status::build_status(pool, &observed, &now());
+    for note in status::events(pool.status.as_ref(), &status) {
+        ctx.publish(&obj.object_ref(&()), note).await;
+    }
+    if status::write_if_changed(&api, pool, &status).await? {
+        ctx.metrics
+            .status_writes
+            .get_or_create(&crate::metrics::KindLabels { kind: "RouterPool" })
+            .inc();
+        debug!("status written");
+    }
+    ctx.metrics
+        .reconciled(CONTROLLER, started.elapsed(), result);
+    Ok(action)
+}
+
+/// resolve → render → desired → apply → push.
+async fn sync(
+    ctx: &Context,
+    pool: &RouterPool,
+    namespace: &str,
+    ready_pods: &[push::PodTarget],
+) -> Result<Pushed> {
+    let resolution = resolve::resolve(&ctx.client, pool, &ctx.credentials, &ctx.pools).await?;
+    let config = render::render_config(&pool.spec, &resolution.resolved)?;
+    let desired = desired::desired_state(pool, &config, &ctx.settings.defaults)?;
+    apply::apply(&ctx.client, namespace, &desired).await?;
+    let hash = config.hash();
+    let document = config.to_yaml();
+    let token = resolution.resolved.admin_token;
+    ctx.admin_tokens.lock().insert(
+        kube::runtime::reflector::ObjectRef::new(&pool.name_any()).within(namespace),
+        token.clone(),
+    );
+
+    let started = Instant::now();
+    let report = push::push(
+        &ctx.push_client,
+        ready_pods,
+        &document,
+        &token,
+        ctx.settings.push_timeout,
+    )
+    .await;
+    if !ready_pods.is_empty() {
+        ctx.metrics
+            .push_duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+    for (pod, outcome) in &report.pods {
+        let label = match outcome {
+            PodOutcome::Synced { .. } => "synced",
+            PodOutcome::Rejected { .. } => "rejected",
+            PodOutcome::Unreachable { .. } => "unreachable",
+        };
+        ctx.metrics
+            .pod_pushes
+            .get_or_create(&OutcomeLabels { outcome: label })
+            .inc();
+        if label != "synced" {
+            info!(pod, outcome = ?outcome, "config push did not take");
+        }
+    }
+    let fallback = config.credentials.iter().filter(|c| c.is_fallback).count() as i32;
+    Ok(Pushed {
+        primary: config.credentials.len() as i32 - fallback,
+        fallback,
+        hash,
+        skipped: resolution.skipped,
+        report,
+    })
+}
+
+/// Records on a malformed pool why it is not served (its spec cannot be read at all).
+async fn malformed(
+    api: &Api<RouterPool>,
+    name: &str,
+    generation: Option<i64>,
+    err: &Error,
+) -> Result<()> {
+    let mut ready = Condition::new(
+        status::READY,
+        ConditionStatus::False,
+        err.reason(),
+        err.to_string(),
+        generation,
+    );
+    ready.last_transition_time = now();
+    let patch = json!({
+        "apiVersion": RouterPool::api_version(&()),
+        "kind": RouterPool::kind(&()),
+        "status": {"observedGeneration": generation, "conditions": [ready]},
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
+    Ok(())
 }

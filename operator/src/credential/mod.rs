@@ -1,0 +1,130 @@
+//! Credential reconciliation: resolve its references (I/O: Secrets, the proxy target pool) →
+//! [`status::build_status`] (pure: `Ready`, the pools selecting it, and the live state the
+//! data plane reports, from [`live`]) → a status write only when it changed.
+
+pub mod live;
+pub mod status;
+
+use std::{collections::BTreeSet, sync::Arc, time::Instant};
+
+use airouter_crds::{
+    condition::{Condition, ConditionStatus},
+    Credential, FIELD_MANAGER,
+};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    api::{Api, Patch, PatchParams},
+    runtime::{controller::Action, events::EventType, reflector::ObjectRef},
+    Resource, ResourceExt,
+};
+use serde_json::json;
+use tracing::instrument;
+
+use crate::{
+    context::{now, Context},
+    error::{Error, Result},
+    metrics::KindLabels,
+    router_pool::{
+        desired::MissingMetadata,
+        resolve::{resolve_credential, secret_names, selects, SecretValues},
+        status::Note,
+    },
+    triggers::Cred,
+};
+
+pub const CONTROLLER: &str = "credential";
+
+#[instrument(skip_all, fields(credential = %obj.name_any(), namespace = ?obj.namespace()))]
+pub async fn reconcile(obj: Arc<Cred>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let namespace = obj.namespace().ok_or(MissingMetadata("namespace"))?;
+    let name = obj.name_any();
+    let api: Api<Credential> = Api::namespaced(ctx.client.clone(), &namespace);
+    let cred = match &obj.0 {
+        Ok(cred) => cred,
+        Err(invalid) => {
+            let err = Error::Malformed {
+                kind: "Credential",
+                name: name.clone(),
+                message: invalid.error.clone(),
+            };
+            let mut ready = Condition::new(
+                status::READY,
+                ConditionStatus::False,
+                err.reason(),
+                err.to_string(),
+                obj.meta().generation,
+            );
+            ready.last_transition_time = now();
+            let patch = json!({
+                "apiVersion": Credential::api_version(&()),
+                "kind": Credential::kind(&()),
+                "status": {"observedGeneration": obj.meta().generation, "conditions": [ready]},
+            });
+            api.patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(patch),
+            )
+            .await?;
+            ctx.publish(
+                &obj.object_ref(&()),
+                Note {
+                    type_: EventType::Warning,
+                    reason: err.reason().into(),
+                    message: err.to_string(),
+                },
+            )
+            .await;
+            ctx.metrics
+                .reconciled(CONTROLLER, started.elapsed(), "user_error");
+            return Ok(Action::await_change());
+        }
+    };
+
+    let pools: Vec<String> = {
+        let mut names: Vec<String> = ctx
+            .pools
+            .state()
+            .iter()
+            .filter_map(|p| p.0.as_ref().ok())
+            .filter(|p| selects(p, cred))
+            .map(|p| p.name_any())
+            .collect();
+        names.sort();
+        names
+    };
+    let lookup = |pool: &str| ctx.pools.get(&ObjectRef::new(pool).within(&namespace));
+    let names: BTreeSet<String> = secret_names(cred, &lookup).into_iter().collect();
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let secrets = match SecretValues::fetch(&secrets_api, names).await {
+        Ok(s) => s,
+        Err(e) => {
+            ctx.metrics
+                .reconciled(CONTROLLER, started.elapsed(), "error");
+            return Err(e);
+        }
+    };
+    let problem = resolve_credential(cred, &secrets, &lookup, None).err();
+    let live = ctx.live.get(&namespace, &name);
+    let status = status::build_status(cred, problem.as_ref(), pools, live, &now());
+    for note in status::events(cred.status.as_ref(), &status) {
+        ctx.publish(&obj.object_ref(&()), note).await;
+    }
+    if status::write_if_changed(&api, cred, &status).await? {
+        ctx.metrics
+            .status_writes
+            .get_or_create(&KindLabels { kind: "Credential" })
+            .inc();
+    }
+    ctx.metrics.reconciled(
+        CONTROLLER,
+        started.elapsed(),
+        if problem.is_some() {
+            "user_error"
+        } else {
+            "ok"
+        },
+    );
+    Ok(Action::requeue(ctx.settings.resync))
+}

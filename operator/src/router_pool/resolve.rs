@@ -1,0 +1,448 @@
+//! Resolve: what a pool's render needs from the cluster — the Credentials its selector picks,
+//! the Secrets they and the pool reference, and the RouterPools that `proxy` Credentials point
+//! at — turned into a [`Resolution`].
+//!
+//! Split into a pure half ([`secret_names`], [`resolve_credential`]: which Secrets are needed,
+//! and what a Credential becomes given their values) and the I/O half ([`SecretValues::fetch`],
+//! [`resolve`]: read them). A Credential that cannot be resolved is left out of the config
+//! with a [`CredentialProblem`]; the rest keep serving.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use airouter_crds::{credential::SecretKeyRef, Credential, RouterPool};
+use futures::future::try_join_all;
+use k8s_openapi::{api::core::v1::Secret, ByteString};
+use kube::{
+    api::{Api, PostParams},
+    core::{DeserializeGuard, ObjectMeta, Selector, SelectorExt},
+    runtime::reflector::{ObjectRef, Store},
+    Client, Resource, ResourceExt,
+};
+
+use super::{desired, ProxyTarget, Resolved, ResolvedCredential};
+use crate::error::{Error, Result};
+
+/// The key of the generated admin token in the `<pool>-admin` Secret.
+pub const ADMIN_TOKEN_KEY: &str = "token";
+
+/// What resolve found: the render input, plus the Credentials left out and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolution {
+    pub resolved: Resolved,
+    pub skipped: Vec<(String, CredentialProblem)>,
+}
+
+/// Why a Credential cannot be used now. `reason` is the Credential's `Ready=False` reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialProblem {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Secret values by name, within one namespace; `None`: the Secret does not exist.
+#[derive(Clone, Debug, Default)]
+pub struct SecretValues(BTreeMap<String, Option<BTreeMap<String, ByteString>>>);
+
+impl SecretValues {
+    /// Reads the named Secrets (all at once).
+    pub async fn fetch(api: &Api<Secret>, names: BTreeSet<String>) -> Result<SecretValues> {
+        let found = try_join_all(names.into_iter().map(|name| async move {
+            let secret = api.get_opt(&name).await?;
+            Ok::<_, Error>((name, secret.map(|s| s.data.unwrap_or_default())))
+        }))
+        .await?;
+        Ok(SecretValues(found.into_iter().collect()))
+    }
+
+    #[cfg(test)]
+    pub fn from_map(map: BTreeMap<String, Option<BTreeMap<String, ByteString>>>) -> SecretValues {
+        SecretValues(map)
+    }
+
+    /// The UTF-8 value at `r`, or why there is none (the message never holds the value).
+    pub fn value(&self, r: &SecretKeyRef, field: &str) -> Result<String, CredentialProblem> {
+        let data = self
+            .0
+            .get(&r.name)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| CredentialProblem {
+                reason: "SecretNotFound",
+                message: format!("Secret {} (from {field}) does not exist", r.name),
+            })?;
+        data.get(&r.key)
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| CredentialProblem {
+                reason: "SecretKeyMissing",
+                message: format!(
+                    "Secret {} has no non-empty UTF-8 key {:?} (from {field})",
+                    r.name, r.key
+                ),
+            })
+    }
+}
+
+/// Looks up a RouterPool of the namespace being resolved.
+pub type PoolLookup<'a> = &'a dyn Fn(&str) -> Option<std::sync::Arc<DeserializeGuard<RouterPool>>>;
+
+/// Pure: the Secrets `cred` needs (its key, Vertex file, and a proxy target pool's master key).
+pub fn secret_names(cred: &Credential, pools: PoolLookup<'_>) -> Vec<String> {
+    let spec = &cred.spec;
+    let mut names: Vec<String> = spec
+        .api_key_secret_ref
+        .iter()
+        .map(|r| r.name.clone())
+        .chain(
+            spec.vertex
+                .iter()
+                .map(|v| v.credentials_secret_ref.name.clone()),
+        )
+        .collect();
+    if let Some(target) = spec
+        .proxy
+        .as_ref()
+        .and_then(|p| pools(&p.router_pool_ref.name))
+    {
+        if let Ok(target) = &target.0 {
+            names.push(target.spec.master_key_secret_ref.name.clone());
+        }
+    }
+    names
+}
+
+/// Pure: a Credential with its Secrets read, or why it cannot be used.
+///
+/// `own_pool` is the pool being rendered: a proxy back to itself would only loop (and be
+/// refused by the hop guard), so it is reported instead.
+pub fn resolve_credential(
+    cred: &Credential,
+    secrets: &SecretValues,
+    pools: PoolLookup<'_>,
+    own_pool: Option<&str>,
+) -> Result<ResolvedCredential, CredentialProblem> {
+    let spec = &cred.spec;
+    let name = cred.name_any();
+    let namespace = cred.namespace().unwrap_or_default();
+    let api_key = spec
+        .api_key_secret_ref
+        .as_ref()
+        .map(|r| secrets.value(r, "spec.apiKeySecretRef"))
+        .transpose()?;
+    let vertex_credentials_json = spec
+        .vertex
+        .as_ref()
+        .map(|v| {
+            secrets.value(
+                &v.credentials_secret_ref,
+                "spec.vertex.credentialsSecretRef",
+            )
+        })
+        .transpose()?;
+    let proxy_target = match &spec.proxy {
+        None => None,
+        Some(proxy) => {
+            let target = &proxy.router_pool_ref.name;
+            if own_pool == Some(target.as_str()) {
+                return Err(CredentialProblem {
+                    reason: "Invalid",
+                    message: format!(
+                        "spec.proxy.routerPoolRef names RouterPool {target}, which selects this Credential: a pool cannot fall back to itself"
+                    ),
+                });
+            }
+            let pool = pools(target).ok_or_else(|| CredentialProblem {
+                reason: "RouterPoolNotFound",
+                message: format!("spec.proxy.routerPoolRef: RouterPool {target} does not exist in namespace {namespace}"),
+            })?;
+            let pool = pool.0.as_ref().map_err(|e| CredentialProblem {
+                reason: "RouterPoolNotFound",
+                message: format!(
+                    "spec.proxy.routerPoolRef: RouterPool {target} cannot be read: {}",
+                    e.error
+                ),
+            })?;
+            let master_key = secrets
+                .value(
+                    &pool.spec.master_key_secret_ref,
+                    &format!("RouterPool {target} spec.masterKeySecretRef"),
+                )
+                .map_err(|p| CredentialProblem {
+                    reason: p.reason,
+                    message: format!("spec.proxy.routerPoolRef: {}", p.message),
+                })?;
+            Some(ProxyTarget {
+                url: desired::endpoint(target, &namespace),
+                master_key,
+            })
+        }
+    };
+    Ok(ResolvedCredential {
+        name,
+        spec: spec.clone(),
+        api_key,
+        proxy_target,
+        vertex_credentials_json,
+    })
+}
+
+/// Pure: whether `pool` selects `cred` (same namespace, selector matches its labels).
+pub fn selects(pool: &RouterPool, cred: &Credential) -> bool {
+    if pool.namespace() != cred.namespace() {
+        return false;
+    }
+    match Selector::try_from(pool.spec.credential_selector.clone()) {
+        Ok(selector) => selector.matches(cred.labels()),
+        Err(_) => false,
+    }
+}
+
+/// I/O: resolves everything `pool`'s config needs. The admin token Secret is created on first
+/// use (a random token the operator pushes configs with).
+pub async fn resolve(
+    client: &Client,
+    pool: &RouterPool,
+    credentials: &Store<DeserializeGuard<Credential>>,
+    pools: &Store<DeserializeGuard<RouterPool>>,
+) -> Result<Resolution> {
+    let namespace = pool.namespace().unwrap_or_default();
+    let pool_name = pool.name_any();
+    let selector = Selector::try_from(pool.spec.credential_selector.clone())
+        .map_err(|e| Error::BadSelector(e.to_string()))?;
+    let lookup_pool = |name: &str| pools.get(&ObjectRef::new(name).within(&namespace));
+    let mut selected: Vec<std::sync::Arc<DeserializeGuard<Credential>>> = credentials
+        .state()
+        .into_iter()
+        .filter(|c| c.namespace().as_deref() == Some(namespace.as_str()))
+        .filter(|c| selector.matches(c.labels()))
+        .collect();
+    selected.sort_by_key(|c| c.name_any());
+
+    let secrets_api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let admin_token = ensure_admin_token(&secrets_api, pool).await?;
+    let mut names = BTreeSet::from([pool.spec.master_key_secret_ref.name.clone()]);
+    for cred in selected.iter().filter_map(|c| c.0.as_ref().ok()) {
+        names.extend(secret_names(cred, &lookup_pool));
+    }
+    let secrets = SecretValues::fetch(&secrets_api, names).await?;
+
+    let master = &pool.spec.master_key_secret_ref;
+    let master_key = secrets
+        .value(master, "spec.masterKeySecretRef")
+        .map_err(|p| match p.reason {
+            "SecretNotFound" => Error::SecretNotFound {
+                namespace: namespace.clone(),
+                secret: master.name.clone(),
+                field: "spec.masterKeySecretRef",
+            },
+            _ => Error::SecretKeyMissing {
+                secret: master.name.clone(),
+                key: master.key.clone(),
+                field: "spec.masterKeySecretRef",
+            },
+        })?;
+
+    let mut resolved = Vec::new();
+    let mut skipped = Vec::new();
+    for cred in &selected {
+        match &cred.0 {
+            Err(invalid) => skipped.push((
+                cred.name_any(),
+                CredentialProblem {
+                    reason: "Invalid",
+                    message: format!("the object cannot be read: {}", invalid.error),
+                },
+            )),
+            Ok(cred) => match resolve_credential(cred, &secrets, &lookup_pool, Some(&pool_name)) {
+                Ok(r) => resolved.push(r),
+                Err(problem) => skipped.push((cred.name_any(), problem)),
+            },
+        }
+    }
+    Ok(Resolution {
+        resolved: Resolved {
+            master_key,
+            admin_token,
+            credentials: resolved,
+        },
+        skipped,
+    })
+}
+
+/// The name of the Secret holding a pool's admin token.
+pub fn admin_secret_name(pool: &str) -> String {
+    format!("{pool}-admin")
+}
+
+/// Reads the pool's admin token, creating the Secret (owned by the pool) the first time.
+async fn ensure_admin_token(api: &Api<Secret>, pool: &RouterPool) -> Result<String> {
+    let name = admin_secret_name(&pool.name_any());
+    let existing = |s: &Secret| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(ADMIN_TOKEN_KEY))
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(token) = api.get_opt(&name).await?.as_ref().and_then(existing) {
+        return Ok(token);
+    }
+    let owner = pool
+        .controller_owner_ref(&())
+        .ok_or(desired::MissingMetadata("uid"))?;
+    let token = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: pool.namespace(),
+            labels: Some(desired::labels(&pool.name_any())),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            ADMIN_TOKEN_KEY.to_owned(),
+            ByteString(token.clone().into_bytes()),
+        )])),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(token),
+        // Another writer (a previous leader) created it first: use theirs.
+        Err(kube::Error::Api(status)) if status.code == 409 => api
+            .get_opt(&name)
+            .await?
+            .as_ref()
+            .and_then(existing)
+            .ok_or_else(|| Error::SecretKeyMissing {
+                secret: name,
+                key: ADMIN_TOKEN_KEY.into(),
+                field: "the operator-managed admin token",
+            }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn cred(spec: serde_json::Value) -> Credential {
+        let mut c = Credential::new("c", serde_json::from_value(spec).unwrap());
+        c.metadata.namespace = Some("ai".into());
+        c
+    }
+
+    fn secrets(entries: &[(&str, &[(&str, &str)])]) -> SecretValues {
+        SecretValues::from_map(
+            entries
+                .iter()
+                .map(|(name, data)| {
+                    (
+                        name.to_string(),
+                        Some(
+                            data.iter()
+                                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                                .collect(),
+                        ),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    fn backup_pool() -> Arc<DeserializeGuard<RouterPool>> {
+        let spec = serde_json::from_value(json!({
+            "credentialSelector": {}, "masterKeySecretRef": {"name": "backup-master", "key": "key"}
+        }))
+        .unwrap();
+        Arc::new(DeserializeGuard(Ok(RouterPool::new("backup", spec))))
+    }
+
+    fn no_pools(_: &str) -> Option<Arc<DeserializeGuard<RouterPool>>> {
+        None
+    }
+
+    #[test]
+    fn a_missing_secret_or_key_is_named_without_the_value() {
+        let c = cred(
+            json!({"type": "openai", "baseUrl": "https://h", "apiKeySecretRef": {"name": "k", "key": "key"}}),
+        );
+        let p = resolve_credential(&c, &SecretValues::default(), &no_pools, None).unwrap_err();
+        assert_eq!(p.reason, "SecretNotFound");
+        assert!(p.message.contains("Secret k"), "{}", p.message);
+        let p = resolve_credential(
+            &c,
+            &secrets(&[("k", &[("other", "sk-1")])]),
+            &no_pools,
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(p.reason, "SecretKeyMissing");
+        assert!(!p.message.contains("sk-1"));
+        let ok = resolve_credential(
+            &c,
+            &secrets(&[("k", &[("key", "sk-1\n")])]),
+            &no_pools,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            ok.api_key.as_deref(),
+            Some("sk-1"),
+            "a trailing newline is trimmed"
+        );
+    }
+
+    #[test]
+    fn a_pool_reference_resolves_to_its_service_and_master_key() {
+        let c = cred(json!({"type": "proxy", "proxy": {"routerPoolRef": {"name": "backup"}}}));
+        let pools = |name: &str| (name == "backup").then(backup_pool);
+        assert_eq!(secret_names(&c, &pools), ["backup-master"]);
+        let p = resolve_credential(&c, &SecretValues::default(), &no_pools, None).unwrap_err();
+        assert_eq!(p.reason, "RouterPoolNotFound");
+        let ok = resolve_credential(
+            &c,
+            &secrets(&[("backup-master", &[("key", "sk-b")])]),
+            &pools,
+            Some("main"),
+        )
+        .unwrap();
+        let target = ok.proxy_target.unwrap();
+        assert_eq!(target.url, "http://backup.ai.svc:8080");
+        assert_eq!(target.master_key, "sk-b");
+        let own = resolve_credential(
+            &c,
+            &secrets(&[("backup-master", &[("key", "sk-b")])]),
+            &pools,
+            Some("backup"),
+        )
+        .unwrap_err();
+        assert_eq!(own.reason, "Invalid");
+    }
+
+    #[test]
+    fn selection_is_by_namespace_and_labels() {
+        let spec = serde_json::from_value(json!({
+            "credentialSelector": {"matchLabels": {"pool": "main"}},
+            "masterKeySecretRef": {"name": "m", "key": "k"}
+        }))
+        .unwrap();
+        let mut pool = RouterPool::new("main", spec);
+        pool.metadata.namespace = Some("ai".into());
+        let mut c = cred(json!({"type": "proxy", "baseUrl": "http://x"}));
+        assert!(!selects(&pool, &c));
+        c.metadata.labels = Some([("pool".to_owned(), "main".to_owned())].into());
+        assert!(selects(&pool, &c));
+        c.metadata.namespace = Some("other".into());
+        assert!(!selects(&pool, &c));
+    }
+}
