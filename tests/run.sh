@@ -80,17 +80,19 @@ export PYTHONDONTWRITEBYTECODE=1
 AIROUTER_BIN="${CARGO_TARGET_DIR:-target}/debug/airouter" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/sdk
 
 section "Kubernetes control plane binaries (kube-apiserver, etcd, kubectl, helm; cached by version)"
-for tool in openssl curl; do
+# tool:Debian package. unshare and mount give each stand-in pod its own /etc/hosts (tests/e2e).
+for pair in openssl:openssl curl:curl unshare:util-linux mount:mount; do
+    tool="${pair%%:*}"; package="${pair#*:}"
     if ! command -v "$tool" >/dev/null 2>&1; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$tool" >/dev/null
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null
         else
-            echo "error: $tool is missing" >&2; exit 1
+            echo "error: $tool (Debian package $package) is missing" >&2; exit 1
         fi
     fi
 done
 bash tests/tools/k8s-binaries.sh
 
-section "End-to-end: CRDs against a real kube-apiserver (pytest)"
+section "End-to-end: CRDs and the operator against a real kube-apiserver, with stand-in pods (pytest)"
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/e2e
 

@@ -14,6 +14,7 @@ pub mod controller;
 pub mod credential;
 pub mod error;
 pub mod leader;
+pub mod malformed;
 pub mod metrics;
 pub mod router_pool;
 pub mod triggers;

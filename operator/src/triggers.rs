@@ -102,7 +102,7 @@ pub fn pools_for_credential(cred: &Cred, pools: &[Arc<Pool>]) -> Vec<ObjectRef<P
             valid(pools)
                 .filter(|(_, p)| p.namespace() == namespace)
                 .filter(|(_, p)| {
-                    kube::core::Selector::try_from(p.spec.credential_selector.clone())
+                    crate::router_pool::resolve::selector(p)
                         .is_ok_and(|s| kube::core::SelectorExt::matches(&s, cred.labels()))
                 })
                 .map(|(p, _)| pool_ref(p)),

@@ -17,6 +17,7 @@ operator's Deployments, the way the real ones would:
 
 from __future__ import annotations
 
+import base64
 import http.server as http_server
 import json
 import os
@@ -128,18 +129,27 @@ class Operator:
     """The real `airouter-operator` binary against the control plane."""
 
     def __init__(self, cp: ControlPlane, log_dir: pathlib.Path, name: str, lease_namespace: str,
-                 extra: list[str] | None = None):
+                 extra: list[str] | None = None, args: list[str] | None = None,
+                 kubeconfig: pathlib.Path | None = None, wait_ready: bool = True):
+        """Runs the operator with the test defaults, or with exactly `args` (the chart's, say)
+        plus a local metrics port; `kubeconfig` selects whose credentials it uses."""
         self.metrics_port = free_port()
         self.name = name
-        self.log = open(log_dir / f"{name}.log", "w")
-        args = [str(OPERATOR), "run", "--metrics-addr", f"127.0.0.1:{self.metrics_port}",
-                "--lease-namespace", lease_namespace, "--identity", name,
-                "--lease-duration", "4s", "--lease-grace", "1s",
-                "--live-state-interval", "1s", "--push-timeout", "2s",
-                "--dataplane-image", "ghcr.io/airouter/airouter:e2e", *(extra or [])]
-        env = {**cp.env, "RUST_LOG": "info,airouter_operator=debug,kube=warn"}
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        wait_for(f"operator {name} /readyz", lambda: self.get("/readyz")[0] == 200, timeout=30)
+        self.log_path = log_dir / f"{name}.log"
+        self.log = open(self.log_path, "w")
+        if args is None:
+            args = ["run", "--lease-namespace", lease_namespace, "--identity", name,
+                    "--lease-duration", "4s", "--lease-grace", "1s",
+                    "--live-state-interval", "1s", "--push-timeout", "2s",
+                    "--dataplane-image", "ghcr.io/airouter/airouter:e2e"]
+        args = [a for a in args if not a.startswith("--metrics-addr")]
+        args += ["--metrics-addr", f"127.0.0.1:{self.metrics_port}", *(extra or [])]
+        env = {**cp.env, "RUST_LOG": "info,airouter_operator=debug,kube=warn", "POD_NAME": name}
+        if kubeconfig:
+            env["KUBECONFIG"] = str(kubeconfig)
+        self.proc = subprocess.Popen([str(OPERATOR), *args], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        if wait_ready:
+            wait_for(f"operator {name} /readyz", lambda: self.get("/readyz")[0] == 200, timeout=30)
 
     def get(self, path: str):
         try:
@@ -293,8 +303,10 @@ class Kubelet:
         self.next_ip += 1
         return ip
 
-    def run_deployment(self, ns: str, pool: str, replicas: int | None = None) -> list[StandInPod]:
-        """Creates and starts the Deployment's pods (spec.replicas of them unless given)."""
+    def run_deployment(self, ns: str, pool: str, replicas: int | None = None,
+                       document: str | None = None) -> list[StandInPod]:
+        """Creates and starts the Deployment's pods (spec.replicas of them unless given). With
+        `document`, pods start on it instead of the config Secret (a stale mount)."""
         deployment = wait_for(f"Deployment {ns}/{pool}", lambda: self.cp.get("deployment", pool, ns))
         template = deployment["spec"]["template"]
         count = deployment["spec"]["replicas"] if replicas is None else replicas
@@ -303,19 +315,19 @@ class Kubelet:
             name = f"{pool}-{i}"
             if (ns, name) in self.pods:
                 continue
-            started.append(self.start_pod(ns, pool, name, template))
+            started.append(self.start_pod(ns, pool, name, template, document))
         return started
 
-    def start_pod(self, ns: str, pool: str, name: str, template: dict) -> StandInPod:
+    def start_pod(self, ns: str, pool: str, name: str, template: dict, document: str | None = None) -> StandInPod:
         pod = {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": ns, "labels": template["metadata"]["labels"]},
             "spec": template["spec"],
         }
         self.cp.apply(json.dumps(pod))
-        secret = wait_for(f"Secret {ns}/{pool}-config", lambda: self.cp.get("secret", f"{pool}-config", ns))
-        import base64
-        document = base64.b64decode(secret["data"]["config.yaml"]).decode()
+        if document is None:
+            secret = wait_for(f"Secret {ns}/{pool}-config", lambda: self.cp.get("secret", f"{pool}-config", ns))
+            document = base64.b64decode(secret["data"]["config.yaml"]).decode()
         d = self.work / ns / name
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.yaml").write_text(document)

@@ -219,6 +219,84 @@ def test_a_missing_secret_leaves_the_credential_out_and_the_rest_serving(env):
     kubelet.stop_pod(pod)
 
 
+def test_a_pod_that_starts_on_a_stale_config_is_brought_up_to_date(env):
+    """The mounted Secret lags behind (kubelet refreshes it within a minute): a pod turning
+    Ready gets the current config pushed at once."""
+    cp, mock, kubelet = env.cp, env.mock, env.kubelet
+    ns = cp.new_namespace("stale")
+    cp.apply(simple_pool(ns, mock.url, replicas=2, credentials={"c1": {}}))
+    [first] = kubelet.run_deployment(ns, "p", replicas=1)
+    wait_for("p-config", lambda: cp.get("secret", "p-config", ns))
+    stale = base64.b64decode(cp.get("secret", "p-config", ns)["data"]["config.yaml"]).decode()
+    cp.apply(credential(ns, "c2", mock.url))
+    token = admin_token(cp, ns, "p")
+    wait_for("c2 on the first pod", lambda: state_of(first, token, "c2"))
+    [second] = kubelet.run_deployment(ns, "p", document=stale)
+    wait_for("c2 pushed to the pod that started without it", lambda: state_of(second, token, "c2"), timeout=10)
+    wait_ready(cp, "routerpool", "p", ns)
+    status = cp.get("routerpool", "p", ns)["status"]
+    assert status["syncedReplicas"] == 2, status
+    assert second.admin("/admin/config/hash", token)["hash"] == status["configHash"]
+    for pod in (first, second):
+        kubelet.stop_pod(pod)
+
+
+def test_bad_specs_get_a_condition_not_a_crash(env):
+    """Objects the API server accepted but the operator cannot use: an invalid label selector
+    operator, a pool selecting nothing, and one written under an older, looser CRD schema (here
+    `maxAttempts` as a string) that no longer reads as the current type."""
+    cp, mock = env.cp, env.mock
+    ns = cp.new_namespace("bad")
+    crd_file = ROOT / "charts" / "airouter" / "crds" / "airouter.dev_routerpools.yaml"
+    path = "/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/fail2ban/properties/maxAttempts"
+    cp.kubectl("patch", "crd", "routerpools.airouter.dev", "--type=json",
+               "-p", json.dumps([{"op": "replace", "path": path, "value": {"type": "string"}}]))
+    try:
+        wait_for("the loosened schema", lambda: "created" in cp.kubectl(
+            "apply", "-f", "-", check=False, stdin=f"""
+apiVersion: airouter.dev/v1alpha1
+kind: RouterPool
+metadata: {{name: overflow, namespace: {ns}}}
+spec:
+  credentialSelector: {{matchLabels: {{pool: p}}}}
+  masterKeySecretRef: {{name: master, key: key}}
+  fail2ban: {{maxAttempts: three}}
+""").stdout)
+    finally:
+        cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd_file))
+    cp.apply(f"""
+apiVersion: v1
+kind: Secret
+metadata: {{name: master, namespace: {ns}}}
+stringData: {{key: sk-master}}
+---
+apiVersion: airouter.dev/v1alpha1
+kind: RouterPool
+metadata: {{name: selector, namespace: {ns}}}
+spec:
+  credentialSelector: {{matchExpressions: [{{key: pool, operator: Sometimes, values: [p]}}]}}
+  masterKeySecretRef: {{name: master, key: key}}
+---
+apiVersion: airouter.dev/v1alpha1
+kind: RouterPool
+metadata: {{name: empty, namespace: {ns}}}
+spec:
+  credentialSelector: {{matchLabels: {{pool: nobody}}}}
+  masterKeySecretRef: {{name: master, key: key}}
+""")
+    for name, reason, words in [("selector", "InvalidSpec", "matchExpressions[0].operator \"Sometimes\""),
+                                ("overflow", "Malformed", "RouterPool overflow cannot be read"),
+                                ("empty", "InvalidSpec", "spec.credentialSelector")]:
+        ready = wait_for(f"{name} Ready=False", lambda: cp.condition("routerpool", name, ns, "Ready"))
+        assert (ready["status"], ready["reason"]) == ("False", reason), ready
+        assert words in ready["message"], ready
+        assert any(e["regarding"]["name"] == name for e in events(cp, ns, reason)), f"no {reason} Event on {name}"
+    # Nothing was rendered for them, and the operator is still serving everyone else.
+    assert cp.get("secret", "selector-config", ns) is None
+    assert env.operator.proc.poll() is None
+    assert env.operator.metric("airouter_operator_reconcile_errors_total") == 0
+
+
 def test_key_rotation_reaches_the_pod_and_resets_the_ban(env):
     cp, mock, kubelet = env.cp, env.mock, env.kubelet
     ns = cp.new_namespace("rotate")

@@ -7,27 +7,22 @@ pub mod status;
 
 use std::{collections::BTreeSet, sync::Arc, time::Instant};
 
-use airouter_crds::{
-    condition::{Condition, ConditionStatus},
-    Credential, FIELD_MANAGER,
-};
+use airouter_crds::Credential;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
-    api::{Api, Patch, PatchParams},
-    runtime::{controller::Action, events::EventType, reflector::ObjectRef},
+    api::Api,
+    runtime::{controller::Action, reflector::ObjectRef},
     Resource, ResourceExt,
 };
-use serde_json::json;
 use tracing::instrument;
 
 use crate::{
     context::{now, Context},
-    error::{Error, Result},
+    error::Result,
     metrics::KindLabels,
     router_pool::{
         desired::MissingMetadata,
         resolve::{resolve_credential, secret_names, selects, SecretValues},
-        status::Note,
     },
     triggers::Cred,
 };
@@ -43,39 +38,14 @@ pub async fn reconcile(obj: Arc<Cred>, ctx: Arc<Context>) -> Result<Action> {
     let cred = match &obj.0 {
         Ok(cred) => cred,
         Err(invalid) => {
-            let err = Error::Malformed {
-                kind: "Credential",
-                name: name.clone(),
-                message: invalid.error.clone(),
-            };
-            let mut ready = Condition::new(
-                status::READY,
-                ConditionStatus::False,
-                err.reason(),
-                err.to_string(),
-                obj.meta().generation,
-            );
-            ready.last_transition_time = now();
-            let patch = json!({
-                "apiVersion": Credential::api_version(&()),
-                "kind": Credential::kind(&()),
-                "status": {"observedGeneration": obj.meta().generation, "conditions": [ready]},
-            });
-            api.patch_status(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(patch),
+            crate::malformed::record(
+                &ctx,
+                &Api::<Cred>::namespaced(ctx.client.clone(), &namespace),
+                &obj,
+                "Credential",
+                &invalid.error,
             )
             .await?;
-            ctx.publish(
-                &obj.object_ref(&()),
-                Note {
-                    type_: EventType::Warning,
-                    reason: err.reason().into(),
-                    message: err.to_string(),
-                },
-            )
-            .await;
             ctx.metrics
                 .reconciled(CONTROLLER, started.elapsed(), "user_error");
             return Ok(Action::await_change());

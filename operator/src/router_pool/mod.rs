@@ -15,16 +15,8 @@ pub mod status;
 
 use std::{sync::Arc, time::Instant};
 
-use airouter_crds::{
-    condition::{Condition, ConditionStatus},
-    CredentialSpec, RouterPool, FIELD_MANAGER,
-};
-use kube::{
-    api::{Api, Patch, PatchParams},
-    runtime::controller::Action,
-    Resource, ResourceExt,
-};
-use serde_json::json;
+use airouter_crds::{CredentialSpec, RouterPool};
+use kube::{api::Api, runtime::controller::Action, Resource, ResourceExt};
 use tracing::{debug, info, instrument};
 
 use self::{
@@ -34,7 +26,7 @@ use self::{
 };
 use crate::{
     context::{now, Context},
-    error::{Error, Result},
+    error::Result,
     metrics::OutcomeLabels,
     triggers::Pool,
 };
@@ -93,21 +85,14 @@ pub async fn reconcile(obj: Arc<Pool>, ctx: Arc<Context>) -> Result<Action> {
     let pool = match &obj.0 {
         Ok(pool) => pool,
         Err(invalid) => {
-            let err = Error::Malformed {
-                kind: "RouterPool",
-                name: name.clone(),
-                message: invalid.error.clone(),
-            };
-            malformed(&api, &name, obj.meta().generation, &err).await?;
-            ctx.publish(
-                &obj.object_ref(&()),
-                status::Note {
-                    type_: kube::runtime::events::EventType::Warning,
-                    reason: err.reason().into(),
-                    message: err.to_string(),
-                },
+            crate::malformed::record(
+                &ctx,
+                &Api::<Pool>::namespaced(ctx.client.clone(), &namespace),
+                &obj,
+                "RouterPool",
+                &invalid.error,
             )
-            .await;
+            .await?;
             ctx.metrics
                 .reconciled(CONTROLLER, started.elapsed(), "user_error");
             return Ok(Action::await_change());
@@ -229,33 +214,4 @@ async fn sync(
         skipped: resolution.skipped,
         report,
     })
-}
-
-/// Records on a malformed pool why it is not served (its spec cannot be read at all).
-async fn malformed(
-    api: &Api<RouterPool>,
-    name: &str,
-    generation: Option<i64>,
-    err: &Error,
-) -> Result<()> {
-    let mut ready = Condition::new(
-        status::READY,
-        ConditionStatus::False,
-        err.reason(),
-        err.to_string(),
-        generation,
-    );
-    ready.last_transition_time = now();
-    let patch = json!({
-        "apiVersion": RouterPool::api_version(&()),
-        "kind": RouterPool::kind(&()),
-        "status": {"observedGeneration": generation, "conditions": [ready]},
-    });
-    api.patch_status(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(patch),
-    )
-    .await?;
-    Ok(())
 }

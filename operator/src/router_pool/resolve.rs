@@ -191,10 +191,33 @@ pub fn selects(pool: &RouterPool, cred: &Credential) -> bool {
     if pool.namespace() != cred.namespace() {
         return false;
     }
-    match Selector::try_from(pool.spec.credential_selector.clone()) {
-        Ok(selector) => selector.matches(cred.labels()),
-        Err(_) => false,
+    selector(pool).is_ok_and(|s| s.matches(cred.labels()))
+}
+
+/// Pure: the pool's Credential selector, or an error naming the part that is wrong.
+pub fn selector(pool: &RouterPool) -> Result<Selector> {
+    let spec = &pool.spec.credential_selector;
+    for (i, e) in spec.match_expressions.iter().flatten().enumerate() {
+        let needs_values = match e.operator.as_str() {
+            "In" | "NotIn" => true,
+            "Exists" | "DoesNotExist" => false,
+            other => {
+                return Err(Error::BadSelector(format!(
+                    "matchExpressions[{i}].operator {other:?} is not one of In, NotIn, Exists, DoesNotExist"
+                )))
+            }
+        };
+        let has_values = e.values.as_ref().is_some_and(|v| !v.is_empty());
+        if needs_values != has_values {
+            return Err(Error::BadSelector(format!(
+                "matchExpressions[{i}] ({} {}): values must be {} for this operator",
+                e.key,
+                e.operator,
+                if needs_values { "non-empty" } else { "empty" }
+            )));
+        }
     }
+    Selector::try_from(spec.clone()).map_err(|e| Error::BadSelector(e.to_string()))
 }
 
 /// I/O: resolves everything `pool`'s config needs. The admin token Secret is created on first
@@ -207,8 +230,7 @@ pub async fn resolve(
 ) -> Result<Resolution> {
     let namespace = pool.namespace().unwrap_or_default();
     let pool_name = pool.name_any();
-    let selector = Selector::try_from(pool.spec.credential_selector.clone())
-        .map_err(|e| Error::BadSelector(e.to_string()))?;
+    let selector = selector(pool)?;
     let lookup_pool = |name: &str| pools.get(&ObjectRef::new(name).within(&namespace));
     let mut selected: Vec<std::sync::Arc<DeserializeGuard<Credential>>> = credentials
         .state()
@@ -427,6 +449,33 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(own.reason, "Invalid");
+    }
+
+    #[test]
+    fn a_bad_selector_names_the_expression_and_value() {
+        let spec = serde_json::from_value(json!({
+            "credentialSelector": {"matchExpressions": [
+                {"key": "a", "operator": "Exists"},
+                {"key": "pool", "operator": "Sometimes", "values": ["p"]}]},
+            "masterKeySecretRef": {"name": "m", "key": "k"}
+        }))
+        .unwrap();
+        let err = selector(&RouterPool::new("main", spec))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("matchExpressions[1].operator \"Sometimes\""),
+            "{err}"
+        );
+        let spec = serde_json::from_value(json!({
+            "credentialSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]},
+            "masterKeySecretRef": {"name": "m", "key": "k"}
+        }))
+        .unwrap();
+        let err = selector(&RouterPool::new("main", spec))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("values must be non-empty"), "{err}");
     }
 
     #[test]
