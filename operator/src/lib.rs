@@ -17,4 +17,5 @@ pub mod leader;
 pub mod malformed;
 pub mod metrics;
 pub mod router_pool;
+pub mod status_patch;
 pub mod triggers;

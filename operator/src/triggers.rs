@@ -111,6 +111,30 @@ pub fn pools_for_credential(cred: &Cred, pools: &[Arc<Pool>]) -> Vec<ObjectRef<P
     out.into_iter().collect()
 }
 
+/// Names of the pools in `namespace` whose master key is Secret `secret`.
+fn pools_keyed_by(namespace: &str, secret: &str, pools: &[Arc<Pool>]) -> BTreeSet<String> {
+    valid(pools)
+        .filter(|(_, p)| p.namespace().as_deref() == Some(namespace))
+        .filter(|(_, p)| p.spec.master_key_secret_ref.name == secret)
+        .map(|(_, p)| p.name_any())
+        .collect()
+}
+
+/// Whether `cred` reads Secret `secret`: its key, its Vertex file, or (through a proxy to a
+/// pool in `keyed`) that pool's master key.
+fn reads_secret(cred: &Credential, secret: &str, keyed: &BTreeSet<String>) -> bool {
+    let s = &cred.spec;
+    s.api_key_secret_ref
+        .as_ref()
+        .is_some_and(|r| r.name == secret)
+        || s.vertex
+            .as_ref()
+            .is_some_and(|v| v.credentials_secret_ref.name == secret)
+        || s.proxy
+            .as_ref()
+            .is_some_and(|p| keyed.contains(&p.router_pool_ref.name))
+}
+
 /// Pools whose config uses Secret `secret` of `namespace`: as their master key, through a
 /// selected Credential, or as the master key of a pool a selected proxy Credential targets.
 pub fn pools_for_secret(
@@ -119,33 +143,15 @@ pub fn pools_for_secret(
     pools: &[Arc<Pool>],
     creds: &[Arc<Cred>],
 ) -> Vec<ObjectRef<Pool>> {
-    let in_ns = |ns: Option<String>| ns.as_deref() == Some(namespace);
-    let master_of = |pool_name: &str| {
-        valid(pools).any(|(_, p)| {
-            in_ns(p.namespace())
-                && p.name_any() == pool_name
-                && p.spec.master_key_secret_ref.name == secret
-        })
-    };
-    let uses = |c: &Credential| {
-        let s = &c.spec;
-        s.api_key_secret_ref
-            .as_ref()
-            .is_some_and(|r| r.name == secret)
-            || s.vertex
-                .as_ref()
-                .is_some_and(|v| v.credentials_secret_ref.name == secret)
-            || s.proxy
-                .as_ref()
-                .is_some_and(|p| master_of(&p.router_pool_ref.name))
-    };
+    let keyed = pools_keyed_by(namespace, secret, pools);
     let users: Vec<&Credential> = creds
         .iter()
         .filter_map(|c| c.0.as_ref().ok())
-        .filter(|c| in_ns(c.namespace()) && uses(c))
+        .filter(|c| c.namespace().as_deref() == Some(namespace))
+        .filter(|c| reads_secret(c, secret, &keyed))
         .collect();
     valid(pools)
-        .filter(|(_, p)| in_ns(p.namespace()))
+        .filter(|(_, p)| p.namespace().as_deref() == Some(namespace))
         .filter(|(_, p)| {
             p.spec.master_key_secret_ref.name == secret
                 || p.spec
@@ -166,29 +172,11 @@ pub fn credentials_for_secret(
     pools: &[Arc<Pool>],
     creds: &[Arc<Cred>],
 ) -> Vec<ObjectRef<Cred>> {
-    let masters: BTreeSet<String> = valid(pools)
-        .filter(|(_, p)| p.namespace().as_deref() == Some(namespace))
-        .filter(|(_, p)| p.spec.master_key_secret_ref.name == secret)
-        .map(|(_, p)| p.name_any())
-        .collect();
+    let keyed = pools_keyed_by(namespace, secret, pools);
     creds
         .iter()
         .filter(|c| c.namespace().as_deref() == Some(namespace))
-        .filter(|c| match &c.0 {
-            Ok(c) => {
-                let s = &c.spec;
-                s.api_key_secret_ref
-                    .as_ref()
-                    .is_some_and(|r| r.name == secret)
-                    || s.vertex
-                        .as_ref()
-                        .is_some_and(|v| v.credentials_secret_ref.name == secret)
-                    || s.proxy
-                        .as_ref()
-                        .is_some_and(|p| masters.contains(&p.router_pool_ref.name))
-            }
-            Err(_) => false,
-        })
+        .filter(|c| c.0.as_ref().is_ok_and(|c| reads_secret(c, secret, &keyed)))
         .map(|c| ObjectRef::from_obj(c.as_ref()))
         .collect()
 }

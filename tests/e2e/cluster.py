@@ -149,7 +149,8 @@ class Operator:
             env["KUBECONFIG"] = str(kubeconfig)
         self.proc = subprocess.Popen([str(OPERATOR), *args], stdout=self.log, stderr=subprocess.STDOUT, env=env)
         if wait_ready:
-            wait_for(f"operator {name} /readyz", lambda: self.get("/readyz")[0] == 200, timeout=30)
+            wait_for(f"operator {name} /readyz (or its exit)",
+                     lambda: self.proc.poll() is not None or self.get("/readyz")[0] == 200, timeout=30)
 
     def get(self, path: str):
         try:
@@ -360,6 +361,9 @@ class Kubelet:
                         "-p", json.dumps(status))
 
     def stop_pod(self, sp: StandInPod):
+        """Stops the pod's process and deletes its Pod object, as a kubelet would."""
+        self.cp.kubectl("delete", "pod", sp.name, "-n", sp.namespace, "--grace-period=0", "--force",
+                        "--wait=false", check=False)
         if sp.proc.poll() is None:
             sp.proc.terminate()
             try:

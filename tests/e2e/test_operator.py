@@ -404,6 +404,8 @@ def test_reapplying_changes_nothing_and_a_quiet_minute_writes_nothing(env):
     time.sleep(3)  # let the last live-state poll land
     before = resource_versions(cp, ns)
 
+    diff = cp.kubectl("diff", "--server-side", "-f", "-", stdin=manifests, check=False)
+    assert diff.returncode == 0 and not diff.stdout, f"re-applying would change:\n{diff.stdout}{diff.stderr}"
     again = cp.apply(manifests, server_side=True)
     assert all(line.endswith("serverside-applied") or line.endswith("unchanged") for line in again.splitlines()), again
     writes = env.operator.metric("airouter_operator_status_writes_total")

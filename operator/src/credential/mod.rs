@@ -81,7 +81,7 @@ pub async fn reconcile(obj: Arc<Cred>, ctx: Arc<Context>) -> Result<Action> {
     for note in status::events(cred.status.as_ref(), &status) {
         ctx.publish(&obj.object_ref(&()), note).await;
     }
-    if status::write_if_changed(&api, cred, &status).await? {
+    if crate::status_patch::write_if_changed(&api, &name, cred.status.as_ref(), &status).await? {
         ctx.metrics
             .status_writes
             .get_or_create(&KindLabels { kind: "Credential" })

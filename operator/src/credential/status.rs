@@ -1,22 +1,14 @@
-//! Credential status: the pure [`build_status`] and [`events`], and the I/O
-//! [`write_if_changed`] (the status subresource is written only when it differs).
+//! Credential status, pure: [`build_status`] (what it should say) and [`events`] (what
+//! changed that a person should hear about). `crate::status_patch` writes it, only on change.
 
 use airouter_crds::{
     condition::{self, Condition, ConditionStatus},
     credential::LiveState,
-    Credential, CredentialStatus, FIELD_MANAGER,
+    Credential, CredentialStatus,
 };
-use kube::{
-    api::{Api, Patch, PatchParams},
-    runtime::events::EventType,
-    Resource, ResourceExt,
-};
-use serde_json::json;
+use kube::runtime::events::EventType;
 
-use crate::{
-    error::Result,
-    router_pool::{resolve::CredentialProblem, status::Note},
-};
+use crate::router_pool::{resolve::CredentialProblem, status::Note};
 
 pub const READY: &str = "Ready";
 
@@ -97,29 +89,6 @@ pub fn events(old: Option<&CredentialStatus>, new: &CredentialStatus) -> Vec<Not
         });
     }
     out
-}
-
-/// I/O: stores `status` unless it equals what is stored. Returns whether it wrote.
-pub async fn write_if_changed(
-    api: &Api<Credential>,
-    cred: &Credential,
-    status: &CredentialStatus,
-) -> Result<bool> {
-    if cred.status.as_ref() == Some(status) {
-        return Ok(false);
-    }
-    let patch = json!({
-        "apiVersion": Credential::api_version(&()),
-        "kind": Credential::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &cred.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(patch),
-    )
-    .await?;
-    Ok(true)
 }
 
 #[cfg(test)]

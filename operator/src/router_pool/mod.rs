@@ -147,7 +147,7 @@ pub async fn reconcile(obj: Arc<Pool>, ctx: Arc<Context>) -> Result<Action> {
     for note in status::events(pool.status.as_ref(), &status) {
         ctx.publish(&obj.object_ref(&()), note).await;
     }
-    if status::write_if_changed(&api, pool, &status).await? {
+    if crate::status_patch::write_if_changed(&api, &name, pool.status.as_ref(), &status).await? {
         ctx.metrics
             .status_writes
             .get_or_create(&crate::metrics::KindLabels { kind: "RouterPool" })

@@ -1,21 +1,15 @@
-//! Status: the pure [`build_status`] (what a pool's status should say, from what the reconcile
-//! observed) and [`events`] (what changed that a person should hear about), then the I/O
-//! [`write_if_changed`], which patches the status subresource only when the computed status
-//! differs from the stored one — so a pool whose facts do not change is never rewritten.
+//! RouterPool status, pure: [`build_status`] (what it should say, from what the reconcile
+//! observed) and [`events`] (what changed that a person should hear about).
+//! `crate::status_patch` writes it, only when it differs from the stored one — so a pool whose
+//! facts do not change is never rewritten.
 
 use airouter_crds::{
     condition::{self, Condition, ConditionStatus},
-    RouterPool, RouterPoolStatus, FIELD_MANAGER,
+    RouterPool, RouterPoolStatus,
 };
-use kube::{
-    api::{Api, Patch, PatchParams},
-    runtime::events::EventType,
-    Resource, ResourceExt,
-};
-use serde_json::json;
+use kube::{runtime::events::EventType, ResourceExt};
 
 use super::{desired, push::PushReport, resolve::CredentialProblem};
-use crate::error::Result;
 
 pub const READY: &str = "Ready";
 pub const CONFIG_SYNCED: &str = "ConfigSynced";
@@ -246,29 +240,6 @@ pub fn events(old: Option<&RouterPoolStatus>, new: &RouterPoolStatus) -> Vec<Not
         }
     }
     out
-}
-
-/// I/O: stores `status` unless it equals what is stored. Returns whether it wrote.
-pub async fn write_if_changed(
-    api: &Api<RouterPool>,
-    pool: &RouterPool,
-    status: &RouterPoolStatus,
-) -> Result<bool> {
-    if pool.status.as_ref() == Some(status) {
-        return Ok(false);
-    }
-    let patch = json!({
-        "apiVersion": RouterPool::api_version(&()),
-        "kind": RouterPool::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &pool.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(patch),
-    )
-    .await?;
-    Ok(true)
 }
 
 #[cfg(test)]
