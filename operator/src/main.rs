@@ -16,6 +16,7 @@ use airouter_operator::{
     router_pool::desired::Defaults,
 };
 use clap::{Parser, Subcommand, ValueEnum};
+use k8s_openapi::api::core::v1::ResourceRequirements;
 use kube::{runtime::events::Reporter, Client};
 use tracing::{error, info, warn};
 
@@ -45,6 +46,9 @@ struct RunArgs {
         default_value = concat!("ghcr.io/airouter/airouter:", env!("CARGO_PKG_VERSION"))
     )]
     dataplane_image: String,
+    /// Data-plane container resources (JSON, as in a pod spec) for pools without spec.resources.
+    #[arg(long, env = "AIROUTER_DATAPLANE_RESOURCES", value_parser = parse_resources)]
+    dataplane_resources: Option<ResourceRequirements>,
     /// Address of the /metrics, /healthz and /readyz listener.
     #[arg(long, env = "AIROUTER_METRICS_ADDR", default_value = "0.0.0.0:8081")]
     metrics_addr: SocketAddr,
@@ -111,6 +115,12 @@ fn main() -> ExitCode {
     }
 }
 
+fn parse_resources(text: &str) -> Result<ResourceRequirements, String> {
+    serde_json::from_str(text).map_err(|e| {
+        format!("not a resources object such as {{\"requests\":{{\"cpu\":\"100m\"}}}}: {e}")
+    })
+}
+
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,kube=warn,kube_lease_manager=warn,hyper=warn")
@@ -155,6 +165,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings {
         defaults: Defaults {
             image: args.dataplane_image.clone(),
+            resources: args.dataplane_resources.clone(),
         },
         push_timeout: args.push_timeout,
         live_interval: args.live_state_interval,

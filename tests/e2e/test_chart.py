@@ -55,6 +55,9 @@ def test_lint_and_template_are_clean(helm):
     assert {container["readinessProbe"]["httpGet"]["path"], container["livenessProbe"]["httpGet"]["path"]} == {"/readyz", "/healthz"}
     assert "--dataplane-image=ghcr.io/airouter/airouter:0.1.0" in container["args"]
     assert "--lease-name=rel-airouter" in container["args"]
+    resources = [a for a in container["args"] if a.startswith("--dataplane-resources=")]
+    assert [json.loads(a.split("=", 1)[1]) for a in resources] == [
+        {"limits": {"memory": "512Mi"}, "requests": {"cpu": "100m", "memory": "64Mi"}}], resources
     # Optional parts, off by default, render when asked for.
     extra = docs(helm("template", "rel", str(CHART), "--api-versions", "monitoring.coreos.com/v1",
                       "--set", "metrics.serviceMonitor.enabled=true", "--set", "grafanaDashboard.enabled=true").stdout)

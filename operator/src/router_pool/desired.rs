@@ -14,9 +14,9 @@ use k8s_openapi::{
         apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
         core::v1::{
             Capabilities, Container, ContainerPort, HTTPGetAction, PodSecurityContext, PodSpec,
-            PodTemplateSpec, Probe, SeccompProfile, Secret, SecretVolumeSource, SecurityContext,
-            Service, ServiceAccount, ServicePort, ServiceSpec, TCPSocketAction, Volume,
-            VolumeMount,
+            PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret,
+            SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
+            TCPSocketAction, Volume, VolumeMount,
         },
         policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
     },
@@ -37,10 +37,12 @@ pub const CONFIG_KEY: &str = "config.yaml";
 /// The annotation on the config Secret carrying the config hash.
 pub const HASH_ANNOTATION: &str = "airouter.dev/config-hash";
 
-/// Operator-wide defaults (chart values).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Operator-wide defaults for pools that do not set their own (chart values).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Defaults {
     pub image: String,
+    /// Data-plane container resources.
+    pub resources: Option<ResourceRequirements>,
 }
 
 /// Every object a pool owns.
@@ -163,7 +165,10 @@ pub fn desired_state(
             failure_threshold: Some(3),
             ..Default::default()
         }),
-        resources: spec.resources.clone(),
+        resources: spec
+            .resources
+            .clone()
+            .or_else(|| defaults.resources.clone()),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
             read_only_root_filesystem: Some(true),
@@ -323,12 +328,18 @@ mod tests {
         pool
     }
 
+    fn defaults() -> Defaults {
+        Defaults {
+            image: "ghcr.io/airouter/airouter:0.1.0".into(),
+            resources: Some(
+                serde_json::from_value(serde_json::json!({"requests": {"cpu": "100m"}})).unwrap(),
+            ),
+        }
+    }
+
     fn desired(pool: &RouterPool) -> (Desired, RouterConfig) {
         let config = render_config(&pool.spec, &resolved("sk-master")).unwrap();
-        let defaults = Defaults {
-            image: "ghcr.io/airouter/airouter:0.1.0".into(),
-        };
-        (desired_state(pool, &config, &defaults).unwrap(), config)
+        (desired_state(pool, &config, &defaults()).unwrap(), config)
     }
 
     #[test]
@@ -400,6 +411,14 @@ mod tests {
             Some(&["ALL".to_string()][..])
         );
         assert_eq!(c.image.as_deref(), Some("ghcr.io/airouter/airouter:0.1.0"));
+        assert_eq!(
+            c.resources
+                .as_ref()
+                .and_then(|r| r.requests.as_ref())
+                .map(|r| r["cpu"].0.as_str()),
+            Some("100m"),
+            "the operator's default applies to a pool that sets none"
+        );
         assert_eq!(c.volume_mounts.as_ref().unwrap()[0].mount_path, CONFIG_DIR);
         assert_eq!(
             c.readiness_probe
@@ -417,14 +436,7 @@ mod tests {
         assert_eq!(pod.termination_grace_period_seconds, Some(45));
         // A different config (new master key) changes the Secret but not the pod template.
         let other = render_config(&p.spec, &resolved("sk-rotated")).unwrap();
-        let d2 = desired_state(
-            &p,
-            &other,
-            &Defaults {
-                image: "ghcr.io/airouter/airouter:0.1.0".into(),
-            },
-        )
-        .unwrap();
+        let d2 = desired_state(&p, &other, &defaults()).unwrap();
         assert_eq!(d2.deployment, d.deployment);
         assert_ne!(d2.config_secret, d.config_secret);
     }
@@ -445,7 +457,7 @@ mod tests {
         p.metadata.uid = None;
         let config = render_config(&p.spec, &resolved("m")).unwrap();
         assert_eq!(
-            desired_state(&p, &config, &Defaults { image: "i".into() }).unwrap_err(),
+            desired_state(&p, &config, &Defaults::default()).unwrap_err(),
             MissingMetadata("uid")
         );
     }
