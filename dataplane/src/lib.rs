@@ -15,6 +15,7 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod json;
 
 /// A hash map for the request path: `ahash` is several times faster than SipHash on short
 /// keys and still seeded per process, so client-chosen model names cannot force collisions.

@@ -45,6 +45,60 @@ struct StreamOptions {
 impl<'a> Probe<'a> {
     /// `None` when the body is not a JSON object with a string `model`.
     pub fn read(body: &'a [u8]) -> Option<Probe<'a>> {
+        const KEYS: [&[u8]; 5] = [
+            b"model",
+            b"stream",
+            b"stream_options",
+            b"input",
+            b"messages",
+        ];
+        if let Some(found) = crate::json::top_level(body, KEYS) {
+            if let Some(probe) = Self::from_raw(found) {
+                return probe;
+            }
+        }
+        Self::read_serde(body)
+    }
+
+    /// The probe from the raw top-level values, as serde would read them; `None` when unsure
+    /// (an escaped or non-UTF-8 string), left to [`Probe::read_serde`].
+    fn from_raw(
+        [model, stream, stream_options, input, messages]: [Option<&'a [u8]>; 5],
+    ) -> Option<Option<Probe<'a>>> {
+        use crate::json::is_null;
+        let present = |raw: Option<&'a [u8]>| raw.filter(|r| !is_null(r));
+        // Serde borrows these as `&RawValue`, which must be UTF-8.
+        let utf8 = |raw: Option<&'a [u8]>| match present(raw) {
+            Some(r) => std::str::from_utf8(r).ok().map(Some),
+            None => Some(None),
+        };
+        let model = match present(model) {
+            None => None,
+            Some(raw) if raw[0] == b'"' => {
+                let inner = &raw[1..raw.len() - 1];
+                if inner.contains(&b'\\') {
+                    return None;
+                }
+                Some(std::str::from_utf8(inner).ok()?)
+            }
+            Some(_) => return Some(None), // not a string: serde refuses the body
+        };
+        let stream = utf8(stream)?;
+        let stream_options = utf8(stream_options)?;
+        let include_usage = stream_options
+            .and_then(|o| serde_json::from_str::<StreamOptions>(o).ok())
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        Some(Some(Probe {
+            model: Cow::Borrowed(model.filter(|m| !m.is_empty())?),
+            stream: stream == Some("true"),
+            include_usage,
+            responses_input: present(input).is_some() && present(messages).is_none(),
+            has_stream_options: stream_options.is_some(),
+        }))
+    }
+
+    fn read_serde(body: &'a [u8]) -> Option<Probe<'a>> {
         let raw: RawProbe<'a> = serde_json::from_slice(body).ok()?;
         let include_usage = raw
             .stream_options
@@ -161,19 +215,26 @@ const O3_REMOVE: &[&str] = &["temperature", "top_p"];
 /// `prefix/` or `prefix:` and a `-chat`/`_chat` suffix, case-insensitively; a family matches
 /// exactly or when followed by `-` or `.`.
 pub fn family_rules(model_id: &str) -> Option<FamilyRules> {
-    let base = model_id.rsplit(['/', ':']).next().unwrap_or(model_id);
-    let base = base.to_ascii_lowercase();
-    let base = base
-        .strip_suffix("-chat")
-        .or_else(|| base.strip_suffix("_chat"))
-        .unwrap_or(&base);
-    let is = |family: &str| {
-        base.strip_prefix(family)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('-') || rest.starts_with('.'))
+    let base = model_id
+        .rsplit(['/', ':'])
+        .next()
+        .unwrap_or(model_id)
+        .as_bytes();
+    let has_suffix =
+        |s: &[u8]| base.len() >= s.len() && base[base.len() - s.len()..].eq_ignore_ascii_case(s);
+    let base = if has_suffix(b"-chat") || has_suffix(b"_chat") {
+        &base[..base.len() - 5]
+    } else {
+        base
     };
-    if is("o1") {
+    let is = |family: &[u8]| {
+        base.len() >= family.len()
+            && base[..family.len()].eq_ignore_ascii_case(family)
+            && matches!(base.get(family.len()), None | Some(b'-' | b'.'))
+    };
+    if is(b"o1") {
         Some(FamilyRules { remove: O1_REMOVE })
-    } else if is("o3") || is("gpt-5") {
+    } else if is(b"o3") || is(b"gpt-5") {
         Some(FamilyRules { remove: O3_REMOVE })
     } else {
         None
@@ -216,6 +277,42 @@ mod tests {
                 .unwrap()
                 .responses_input
         );
+    }
+
+    #[test]
+    fn the_scanner_reads_what_serde_reads() {
+        for body in [
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi \"there\""}]}"#,
+            r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true}}"#,
+            r#"{"model":"m","stream":null,"stream_options":null,"input":null,"messages":null}"#,
+            r#"{"model":"m","stream":"true","stream_options":5}"#,
+            r#"{"model":"m","stream": true ,"input":"x"}"#,
+            r#"{"model":"m","input":[],"messages":[]}"#,
+            r#"{"model":"\u00e9"}"#,
+            r#"{"model":"é","stream":false}"#,
+            r#"{"model":""}"#,
+            r#"{"model":null}"#,
+            r#"{"model":5}"#,
+            r#"{"model":"a","model":"b"}"#,
+            r#"{"messages":[]}"#,
+            r#"["m"]"#,
+            r#"{"model":"m",}"#,
+            r#"{"model":"m"} x"#,
+            r#"{"model":"m","stream_options":{"include_usage":"yes"}}"#,
+            r#"{"model":"m","stream_options":{"x":[1,2,{"y":null}]}}"#,
+            "not json",
+            "",
+        ] {
+            assert_eq!(
+                Probe::read(body.as_bytes()),
+                Probe::read_serde(body.as_bytes()),
+                "{body}"
+            );
+        }
+        let mut bad = br#"{"model":"m","stream_options":"X"}"#.to_vec();
+        let x = bad.iter().position(|&b| b == b'X').unwrap();
+        bad[x] = 0xff;
+        assert_eq!(Probe::read(&bad), Probe::read_serde(&bad), "invalid UTF-8");
     }
 
     #[test]

@@ -31,7 +31,7 @@ struct ResponseUsage {
     usage: Option<Usage>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 struct Usage {
     total_tokens: Option<u64>,
     #[serde(alias = "input_tokens")]
@@ -59,51 +59,196 @@ impl Usage {
     }
 }
 
+/// The fields of a response body or SSE chunk that accounting reads.
+struct ChunkUsage {
+    usage: Option<Usage>,
+    /// `choices` is missing, `null` or `[]`.
+    choices_empty: bool,
+    /// `response` is an object (Responses API).
+    has_response: bool,
+    response_usage: Option<Usage>,
+}
+
+/// Reads [`UsageChunk`]'s fields. The common well-formed case is scanned without building
+/// anything; anything unusual goes through `serde_json`, so the answer is always serde's.
+fn parse_chunk(json: &[u8]) -> Option<ChunkUsage> {
+    let Some([usage, choices, response]) =
+        crate::json::top_level(json, [b"usage", b"choices", b"response"])
+    else {
+        let chunk: UsageChunk = serde_json::from_slice(json).ok()?;
+        return Some(ChunkUsage {
+            choices_empty: chunk.choices.as_ref().is_none_or(Vec::is_empty),
+            has_response: chunk.response.is_some(),
+            response_usage: chunk.response.and_then(|r| r.usage),
+            usage: chunk.usage,
+        });
+    };
+    let usage = match usage {
+        Some(raw) => usage_value(raw)?,
+        None => None,
+    };
+    let choices_empty = match choices {
+        None => true,
+        Some(raw) if crate::json::is_null(raw) => true,
+        // An array (the scanner checked it is well-formed): empty when `]` follows `[`.
+        Some(raw) if raw[0] == b'[' => {
+            raw[1..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b']')
+        }
+        Some(_) => return None, // not a sequence: serde refuses the whole chunk
+    };
+    let (has_response, response_usage) = match response {
+        None => (false, None),
+        Some(raw) if crate::json::is_null(raw) => (false, None),
+        Some(raw) => (true, response_usage(raw)?),
+    };
+    Some(ChunkUsage {
+        usage,
+        choices_empty,
+        has_response,
+        response_usage,
+    })
+}
+
+/// An `Option<Usage>` value as serde reads it (`None`: serde refuses it). The usual shape —
+/// an object whose token fields are plain integers or `null`, each given once — is read
+/// directly; anything else goes through serde.
+fn usage_value(raw: &[u8]) -> Option<Option<Usage>> {
+    if crate::json::is_null(raw) {
+        return Some(None);
+    }
+    let mut fields: [Option<Option<u64>>; 3] = [None; 3];
+    let plain = crate::json::fields(raw, 0, |key, value| {
+        let slot = match key {
+            b"total_tokens" => 0,
+            b"prompt_tokens" | b"input_tokens" => 1,
+            b"completion_tokens" | b"output_tokens" => 2,
+            _ => return Some(()),
+        };
+        if fields[slot].is_some() {
+            return None; // given twice (or by both names): serde's error to report
+        }
+        fields[slot] = Some(if crate::json::is_null(value) {
+            None
+        } else {
+            Some(crate::json::plain_u64(value)?)
+        });
+        Some(())
+    });
+    if plain == Some(raw.len()) {
+        let [total_tokens, prompt_tokens, completion_tokens] = fields.map(Option::flatten);
+        return Some(Some(Usage {
+            total_tokens,
+            prompt_tokens,
+            completion_tokens,
+        }));
+    }
+    serde_json::from_slice::<Option<Usage>>(raw).ok()
+}
+
+/// `response.usage` of a non-null `response` value (outer `None`: serde refuses it).
+fn response_usage(raw: &[u8]) -> Option<Option<Usage>> {
+    let mut usage: Option<&[u8]> = None;
+    let plain = crate::json::fields(raw, 0, |key, value| {
+        if key == b"usage" {
+            if usage.is_some() {
+                return None;
+            }
+            usage = Some(value);
+        }
+        Some(())
+    });
+    if plain == Some(raw.len()) {
+        return match usage {
+            Some(raw) => usage_value(raw),
+            None => Some(None),
+        };
+    }
+    serde_json::from_slice::<ResponseUsage>(raw)
+        .ok()
+        .map(|r| r.usage)
+}
+
 /// `usage` (or `response.usage`, Responses API) of a JSON body, when it reports tokens.
 pub fn usage(json: &[u8]) -> Option<TokenUsage> {
-    let chunk: UsageChunk = serde_json::from_slice(json).ok()?;
+    let chunk = parse_chunk(json)?;
     chunk
         .usage
-        .or(chunk.response.and_then(|r| r.usage))
+        .or(chunk.response_usage)
         .and_then(|u| u.tokens())
 }
 
 /// What one SSE event is, for accounting.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 struct EventInfo {
     tokens: Option<TokenUsage>,
     /// Carries usage and no choices: the chunk `include_usage` adds.
     usage_only: bool,
 }
 
+const USAGE_KEY: &[u8] = b"\"usage\"";
+
+/// Every `"usage"` in `event` (from `first` on) is followed by `: null`. Then no line of it
+/// can report tokens — neither a top-level `usage` nor `response.usage` — unless a key is
+/// spelled with a `\u` escape, which the caller rules out. (OpenAI sends `"usage":null` in
+/// every chunk of a stream that asked for usage.)
+fn usage_always_null(event: &[u8], first: usize) -> bool {
+    let mut at = first;
+    loop {
+        let mut i = at + USAGE_KEY.len();
+        let ws = |i: &mut usize| {
+            while event
+                .get(*i)
+                .is_some_and(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+            {
+                *i += 1;
+            }
+        };
+        ws(&mut i);
+        if event.get(i) != Some(&b':') {
+            return false;
+        }
+        i += 1;
+        ws(&mut i);
+        if event.get(i..i + 4) != Some(b"null") {
+            return false;
+        }
+        let rest = &event[i + 4..];
+        match crate::json::find(rest, USAGE_KEY) {
+            Some(next) => at = i + 4 + next,
+            None => return true,
+        }
+    }
+}
+
 fn inspect_event(event: &[u8]) -> EventInfo {
-    let mut info = EventInfo {
-        tokens: None,
-        usage_only: false,
+    let mut info = EventInfo::default();
+    // Cheap pre-checks: most chunks carry no usage, or `"usage":null`.
+    let Some(first) = crate::json::find(event, USAGE_KEY) else {
+        return info;
     };
+    if usage_always_null(event, first) && !crate::json::contains(event, b"\\u") {
+        return info;
+    }
     for line in event.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let Some(data) = line.strip_prefix(b"data:") else {
             continue;
         };
         let data = data.strip_prefix(b" ").unwrap_or(data);
-        // Cheap pre-check: most chunks carry no usage (or `"usage":null`).
-        if !contains(data, b"\"usage\"") {
+        if !crate::json::contains(data, USAGE_KEY) {
             continue;
         }
-        let Ok(chunk) = serde_json::from_slice::<UsageChunk>(data) else {
+        let Some(chunk) = parse_chunk(data) else {
             continue;
         };
-        let choices_empty = chunk.choices.as_ref().is_none_or(Vec::is_empty);
-        if let Some(t) = chunk.usage.as_ref().and_then(Usage::tokens).or_else(|| {
-            chunk
-                .response
-                .as_ref()
-                .and_then(|r| r.usage.as_ref())
-                .and_then(Usage::tokens)
-        }) {
+        if let Some(t) = chunk
+            .usage
+            .as_ref()
+            .and_then(Usage::tokens)
+            .or_else(|| chunk.response_usage.as_ref().and_then(Usage::tokens))
+        {
             info.tokens = Some(max_usage(info.tokens.unwrap_or_default(), t));
-            info.usage_only |= chunk.usage.is_some() && choices_empty && chunk.response.is_none();
+            info.usage_only |= chunk.usage.is_some() && chunk.choices_empty && !chunk.has_response;
         }
     }
     info
@@ -118,23 +263,75 @@ fn max_usage(a: TokenUsage, b: TokenUsage) -> TokenUsage {
     }
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Finds the end of the first complete event in `buf` (index just past its blank line).
-fn event_end(buf: &[u8]) -> Option<usize> {
+/// In one pass over `buf`: the end of its first complete event (index just past its blank
+/// line), and whether [`inspect_event`] could find usage in it — false when the event has
+/// no `"usage"`, or only `"usage": null` and no `\u` escape (see [`usage_always_null`]).
+fn next_event(buf: &[u8]) -> Option<(usize, bool)> {
+    use crate::json::{word, zero_bytes, LO};
+    const NL: u64 = LO * b'\n' as u64;
+    const G: u64 = LO * b'g' as u64;
+    const BS: u64 = LO * b'\\' as u64;
     let mut line_start = 0;
-    for (i, &b) in buf.iter().enumerate() {
-        if b == b'\n' {
-            let line = &buf[line_start..i];
-            if line.is_empty() || line == b"\r" {
-                return Some(i + 1);
+    let mut first_usage: Option<usize> = None;
+    let mut unicode_escape = false;
+    // Handles a `\n`, `g` or `\\` at `i`; returns the event's end when `i` ends it.
+    let mut hit = |i: usize, line_start: &mut usize| -> Option<usize> {
+        match buf[i] {
+            b'\n' => {
+                let line = &buf[*line_start..i];
+                if line.is_empty() || line == b"\r" {
+                    return Some(i + 1);
+                }
+                *line_start = i + 1;
             }
-            line_start = i + 1;
+            b'g' => {
+                if first_usage.is_none()
+                    && i >= 4
+                    && &buf[i - 4..i] == b"\"usa"
+                    && buf.get(i + 1..i + 3) == Some(b"e\"")
+                {
+                    first_usage = Some(i - 4);
+                }
+            }
+            _ => unicode_escape |= buf.get(i + 1) == Some(&b'u'),
+        }
+        None
+    };
+    let mut i = 0;
+    let mut end = None;
+    'scan: while i + 8 <= buf.len() {
+        let w = word(buf, i);
+        let mut m = zero_bytes(w ^ NL) | zero_bytes(w ^ G) | zero_bytes(w ^ BS);
+        while m != 0 {
+            let k = i + (m.trailing_zeros() / 8) as usize;
+            // Flags above a true match may be false positives: re-check the byte.
+            if matches!(buf[k], b'\n' | b'g' | b'\\') {
+                if let Some(e) = hit(k, &mut line_start) {
+                    end = Some(e);
+                    break 'scan;
+                }
+            }
+            m &= m - 1;
+        }
+        i += 8;
+    }
+    if end.is_none() {
+        while i < buf.len() {
+            if matches!(buf[i], b'\n' | b'g' | b'\\') {
+                if let Some(e) = hit(i, &mut line_start) {
+                    end = Some(e);
+                    break;
+                }
+            }
+            i += 1;
         }
     }
-    None
+    let end = end?;
+    let inspect = match first_usage {
+        None => false,
+        Some(first) => unicode_escape || !usage_always_null(&buf[..end], first),
+    };
+    Some((end, inspect))
 }
 
 /// Called once with the tokens a stream reported, when it ends or is dropped.
@@ -182,6 +379,142 @@ impl UsageTap {
 /// unscanned (a malformed stream must not grow memory).
 const MAX_EVENT: usize = 1 << 20;
 
+/// `data` ends with a blank line, so it splits into complete events with nothing left over.
+fn ends_events(data: &[u8]) -> bool {
+    let Some(body) = data.strip_suffix(b"\n") else {
+        return false;
+    };
+    let body = body.strip_suffix(b"\r").unwrap_or(body);
+    body.is_empty() || body.ends_with(b"\n")
+}
+
+/// Whether some event of `data` could report usage: it has a `"usage"` not followed by
+/// `: null`, or a `\u` escape (a key could spell `usage` with one). One pass for `g` and `\\`.
+fn may_report_usage(data: &[u8]) -> bool {
+    use crate::json::{word, zero_bytes, LO};
+    const G: u64 = LO * b'g' as u64;
+    const BS: u64 = LO * b'\\' as u64;
+    let mut first_usage = None;
+    let mut check = |k: usize| -> bool {
+        match data[k] {
+            b'g' => {
+                if first_usage.is_none()
+                    && k >= 4
+                    && &data[k - 4..k] == b"\"usa"
+                    && data.get(k + 1..k + 3) == Some(b"e\"")
+                {
+                    first_usage = Some(k - 4);
+                }
+                false
+            }
+            b'\\' => data.get(k + 1) == Some(&b'u'),
+            _ => false,
+        }
+    };
+    let mut i = 0;
+    while i + 8 <= data.len() {
+        let mut m = zero_bytes(word(data, i) ^ G) | zero_bytes(word(data, i) ^ BS);
+        while m != 0 {
+            if check(i + (m.trailing_zeros() / 8) as usize) {
+                return true;
+            }
+            m &= m - 1;
+        }
+        i += 8;
+    }
+    for k in i..data.len() {
+        if check(k) {
+            return true;
+        }
+    }
+    first_usage.is_some_and(|first| !usage_always_null(data, first))
+}
+
+/// Accounts every event that `data` completes (after the incomplete one `pending` holds)
+/// and returns what to forward now (`None`: nothing yet). Pass mode forwards `data` itself;
+/// strip mode forwards the complete events except usage-only ones. When no event is split
+/// across frames (the usual case) nothing is copied but an incomplete last event.
+fn scan_frame(
+    data: Bytes,
+    pending: &mut BytesMut,
+    strip: bool,
+    tokens: &mut TokenUsage,
+) -> Option<Bytes> {
+    let mut account = |event: &[u8], inspect: bool| {
+        if !inspect {
+            return false; // no usage in it: nothing to count, not a usage-only event
+        }
+        let info = inspect_event(event);
+        if let Some(t) = info.tokens {
+            *tokens = max_usage(*tokens, t);
+        }
+        info.usage_only
+    };
+    if !pending.is_empty() {
+        // An event spans frames: complete it in `pending`.
+        pending.extend_from_slice(&data);
+        let mut out = BytesMut::new();
+        while let Some((end, inspect)) = next_event(pending) {
+            let event = pending.split_to(end);
+            if !account(&event, inspect) && strip {
+                out.extend_from_slice(&event);
+            }
+        }
+        if !strip {
+            if pending.len() > MAX_EVENT {
+                pending.clear();
+            }
+            return Some(data);
+        }
+        if pending.len() > MAX_EVENT {
+            out.extend_from_slice(&pending.split());
+        }
+        return (!out.is_empty()).then(|| out.freeze());
+    }
+    if ends_events(&data) && !may_report_usage(&data) {
+        // Whole events, none with usage: nothing to count or strip (the usual chunk).
+        return Some(data);
+    }
+    let mut at = 0;
+    // Strip mode, once an event was dropped: the events kept so far.
+    let mut kept: Option<BytesMut> = None;
+    while let Some((len, inspect)) = next_event(&data[at..]) {
+        let event = &data[at..at + len];
+        let usage_only = account(event, inspect);
+        if strip {
+            if usage_only {
+                kept.get_or_insert_with(|| BytesMut::from(&data[..at]));
+            } else if let Some(kept) = &mut kept {
+                kept.extend_from_slice(event);
+            }
+        }
+        at += len;
+    }
+    let tail = &data[at..];
+    if !strip {
+        pending.extend_from_slice(tail);
+        if pending.len() > MAX_EVENT {
+            pending.clear();
+        }
+        return Some(data);
+    }
+    if tail.len() > MAX_EVENT {
+        // Too long to be an event: pass it on unscanned.
+        return Some(match kept {
+            Some(mut kept) => {
+                kept.extend_from_slice(tail);
+                kept.freeze()
+            }
+            None => data,
+        });
+    }
+    pending.extend_from_slice(tail);
+    match kept {
+        Some(kept) => (!kept.is_empty()).then(|| kept.freeze()),
+        None => (at > 0).then(|| data.slice(..at)),
+    }
+}
+
 impl Body for UsageTap {
     type Data = Bytes;
     type Error = BoxError;
@@ -201,29 +534,8 @@ impl Body for UsageTap {
                     if !*this.scan {
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                    this.pending.extend_from_slice(&data);
-                    let mut out = BytesMut::new();
-                    while let Some(end) = event_end(this.pending) {
-                        let event = this.pending.split_to(end);
-                        let info = inspect_event(&event);
-                        if let Some(t) = info.tokens {
-                            *this.tokens = max_usage(*this.tokens, t);
-                        }
-                        if *this.strip && !(info.usage_only) {
-                            out.extend_from_slice(&event);
-                        }
-                    }
-                    if !*this.strip {
-                        if this.pending.len() > MAX_EVENT {
-                            this.pending.clear();
-                        }
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    if this.pending.len() > MAX_EVENT {
-                        out.extend_from_slice(&this.pending.split());
-                    }
-                    if !out.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
+                    if let Some(out) = scan_frame(data, this.pending, *this.strip, this.tokens) {
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
                 }
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
@@ -304,6 +616,142 @@ mod tests {
         let (out, tokens) = run(true, pieces).await;
         assert_eq!(out, format!("{}{}", EVENTS[0], EVENTS[2]));
         assert_eq!(tokens, 12);
+    }
+
+    /// The accounting before the byte-level fast paths, kept as the reference.
+    mod reference {
+        use super::super::*;
+
+        pub fn usage(json: &[u8]) -> Option<TokenUsage> {
+            let chunk: UsageChunk = serde_json::from_slice(json).ok()?;
+            chunk
+                .usage
+                .or(chunk.response.and_then(|r| r.usage))
+                .and_then(|u| u.tokens())
+        }
+
+        pub fn inspect_event(event: &[u8]) -> (Option<TokenUsage>, bool) {
+            let (mut tokens, mut usage_only) = (None, false);
+            for line in event.split(|&b| b == b'\n') {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let Some(data) = line.strip_prefix(b"data:") else {
+                    continue;
+                };
+                let data = data.strip_prefix(b" ").unwrap_or(data);
+                if !data.windows(7).any(|w| w == b"\"usage\"") {
+                    continue;
+                }
+                let Ok(chunk) = serde_json::from_slice::<UsageChunk>(data) else {
+                    continue;
+                };
+                let choices_empty = chunk.choices.as_ref().is_none_or(Vec::is_empty);
+                if let Some(t) = chunk.usage.as_ref().and_then(Usage::tokens).or_else(|| {
+                    chunk
+                        .response
+                        .as_ref()
+                        .and_then(|r| r.usage.as_ref())
+                        .and_then(Usage::tokens)
+                }) {
+                    tokens = Some(max_usage(tokens.unwrap_or_default(), t));
+                    usage_only |=
+                        chunk.usage.is_some() && choices_empty && chunk.response.is_none();
+                }
+            }
+            (tokens, usage_only)
+        }
+    }
+
+    const BODIES: &[&str] = &[
+        r#"{"choices":[{"delta":{"content":"Hi"}}],"usage":null}"#,
+        r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}"#,
+        r#"{"choices":[ ],"usage":{"input_tokens":1,"total_tokens":2}}"#,
+        r#"{"choices":[{"x":1}],"usage":{"total_tokens":9}}"#,
+        r#"{"usage":{"total_tokens":0},"response":{"usage":{"total_tokens":4}}}"#,
+        r#"{"type":"response.completed","response":{"id":"r","usage":{"input_tokens":2,"output_tokens":3,"total_tokens":5}}}"#,
+        r#"{"response":null,"usage":{"total_tokens":3}}"#,
+        r#"{"choices":{},"usage":{"total_tokens":3}}"#,
+        r#"{"usage":{"total_tokens":-1}}"#,
+        r#"{"usage":{"total_tokens":1.5}}"#,
+        r#"{"usage":{"total_tokens":3},"usage":{"total_tokens":4}}"#,
+        r#"{"\u0075sage":{"total_tokens":6}}"#,
+        r#"{"usage" : null, "response": {"usage": null}}"#,
+        r#"{"usage":null,"response":{"\u0075sage":{"total_tokens":8}}}"#,
+        r#"{"text":"say \"usage\": {\"total_tokens\": 99}","usage":null}"#,
+        r#"[{"total_tokens":5}]"#,
+        r#"{"usage":{"total_tokens":7}} trailing"#,
+        r#"{"usage":{"total_tokens":7},}"#,
+        r#"{"usage":{"total_tokens":7,"prompt_tokens_details":{"cached_tokens":0}},"x":[1,{"y":"\u00e9"}]}"#,
+        r#"{"type":"usage","usage":{"total_tokens":11}}"#,
+        r#"{"usage":{"prompt_tokens":1,"input_tokens":2,"total_tokens":3}}"#,
+        r#"{"usage":{"total_tokens":null,"prompt_tokens":4}}"#,
+        r#"{"usage":{"total_tokens":18446744073709551615}}"#,
+        r#"{"usage":{"total_tokens":18446744073709551616}}"#,
+        r#"{"usage":{"total_tokens":00}}"#,
+        r#"{"usage":{"total_tokens":5,"total_tokens":6}}"#,
+        r#"{"usage":{"\u0074otal_tokens":5}}"#,
+        r#"{"usage":5}"#,
+        r#"{"usage":{}}"#,
+        r#"{"response":5,"usage":{"total_tokens":1}}"#,
+        r#"{"response":{"usage":{"total_tokens":2},"usage":null}}"#,
+        r#"{"response":{"output":[{"content":"x"}],"usage":{"output_tokens":2,"total_tokens":2}}}"#,
+        "not json \"usage\"",
+    ];
+
+    #[test]
+    fn accounting_matches_the_reference() {
+        for body in BODIES {
+            assert_eq!(
+                usage(body.as_bytes()),
+                reference::usage(body.as_bytes()),
+                "{body}"
+            );
+        }
+        for a in BODIES {
+            for b in BODIES {
+                for (sep, end) in [("\n", "\n\n"), ("\r\n", "\r\n\r\n")] {
+                    let event = format!("event: x{sep}data: {a}{sep}data:{b}{end}");
+                    let info = inspect_event(event.as_bytes());
+                    let expect = reference::inspect_event(event.as_bytes());
+                    assert_eq!((info.tokens, info.usage_only), expect, "{event:?}");
+                    let (end, inspect) = next_event(event.as_bytes()).unwrap();
+                    assert_eq!(end, event.len(), "{event:?}");
+                    assert!(inspect || expect == (None, false), "skipped: {event:?}");
+                    assert!(ends_events(event.as_bytes()));
+                    let may = may_report_usage(event.as_bytes());
+                    assert!(may || expect == (None, false), "skipped: {event:?}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn every_split_gives_the_same_stream_and_tokens() {
+        let stream = concat!(
+            ": comment\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":null}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}],\"usage\":null}\r\n\r\n",
+            "data: {\"choices\":[],\"usage\":{\"total_tokens\":12}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let without_usage = stream.replace(
+            "data: {\"choices\":[],\"usage\":{\"total_tokens\":12}}\n\n",
+            "",
+        );
+        for strip in [false, true] {
+            let expect = if strip { &without_usage } else { stream };
+            for i in 0..stream.len() {
+                for j in i..stream.len() {
+                    let pieces = vec![
+                        &*stream[..i].to_owned().leak(),
+                        &*stream[i..j].to_owned().leak(),
+                        &*stream[j..].to_owned().leak(),
+                    ];
+                    let (out, tokens) = run(strip, pieces).await;
+                    assert_eq!(&out, expect, "strip={strip} split at {i},{j}");
+                    assert_eq!(tokens, 12, "strip={strip} split at {i},{j}");
+                }
+            }
+        }
     }
 
     #[test]
