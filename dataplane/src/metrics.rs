@@ -118,6 +118,16 @@ struct AttemptHandles {
 type AttemptKey = (Arc<str>, &'static str, u16);
 type ModelSeries = FastMap<Box<str>, Histogram>;
 
+/// The token counters of one (credential, model), by kind; a kind's series is created the
+/// first time it has tokens to count.
+#[derive(Clone, Default)]
+struct TokenHandles([Option<Counter>; 3]);
+
+const TOKEN_KINDS: [&str; 3] = ["prompt", "completion", "total"];
+
+/// credential → model id → token counters.
+type TokenCache = FastMap<Arc<str>, FastMap<Box<str>, TokenHandles>>;
+
 /// Distinct model ids that get their own `model` label value; later ones are `other`.
 const MAX_MODEL_LABELS: usize = 1024;
 
@@ -127,6 +137,7 @@ pub struct Metrics {
     attempts: RwLock<FastMap<AttemptKey, AttemptHandles>>,
     /// (credential, status) → model id → series.
     done: RwLock<FastMap<(Arc<str>, u16), ModelSeries>>,
+    token_handles: RwLock<TokenCache>,
     /// Model ids that have their own label value.
     models: RwLock<std::collections::HashSet<Box<str>, ahash::RandomState>>,
     /// Serialises scrapes: gauges are refilled from state, then encoded.
@@ -165,6 +176,7 @@ impl Metrics {
         let m = Metrics {
             attempts: RwLock::default(),
             done: RwLock::default(),
+            token_handles: RwLock::default(),
             models: RwLock::default(),
             scrape: Mutex::new(()),
             requests: Family::default(),
@@ -382,21 +394,39 @@ impl Metrics {
         }
     }
 
-    pub fn tokens(&self, credential: &str, model: &str, usage: &crate::stream::TokenUsage) {
-        for (kind, n) in [
-            ("prompt", usage.prompt),
-            ("completion", usage.completion),
-            ("total", usage.total),
-        ] {
-            if n > 0 {
-                self.tokens
-                    .get_or_create(&TokenLabels {
-                        credential: credential.to_owned(),
-                        model: self.model_label(model),
-                        kind: kind.to_owned(),
-                    })
-                    .inc_by(n);
+    pub fn tokens(&self, credential: &Arc<str>, model: &str, usage: &crate::stream::TokenUsage) {
+        let counts = [usage.prompt, usage.completion, usage.total];
+        let cached = self
+            .token_handles
+            .read()
+            .get(&**credential)
+            .and_then(|by_model| by_model.get(model).cloned());
+        let mut handles = cached.unwrap_or_default();
+        let mut created = false;
+        let mut capped = false;
+        for ((handle, kind), n) in handles.0.iter_mut().zip(TOKEN_KINDS).zip(counts) {
+            if n == 0 {
+                continue;
             }
+            let counter = handle.get_or_insert_with(|| {
+                let label = self.model_label(model);
+                capped |= label == "other";
+                created = true;
+                self.tokens.get_or_create_owned(&TokenLabels {
+                    credential: credential.to_string(),
+                    model: label,
+                    kind: kind.to_owned(),
+                })
+            });
+            counter.inc_by(n);
+        }
+        // Past the model-label cap the handles are not cached: the cache stays bounded.
+        if created && !capped {
+            self.token_handles
+                .write()
+                .entry(credential.clone())
+                .or_default()
+                .insert(Box::from(model), handles);
         }
     }
 

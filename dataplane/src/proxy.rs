@@ -13,10 +13,9 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use http::{
-    header, request::Parts, HeaderMap, HeaderName, HeaderValue, Method, Request, Response,
+    header, request::Parts, uri::PathAndQuery, HeaderMap, HeaderValue, Method, Request, Response,
     StatusCode,
 };
-use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tracing::{debug, info, warn};
@@ -36,8 +35,7 @@ use crate::{
     upstream::{self, HOPS_HEADER},
 };
 
-/// Returned to the client and forwarded upstream; taken from the client when it sent one.
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub use crate::upstream::REQUEST_ID;
 
 const PROXIED_PATHS: &[&str] = &[
     "/v1/chat/completions",
@@ -143,7 +141,7 @@ struct Forward<'a> {
     parts: &'a Parts,
     /// The request path, as one of [`PROXIED_PATHS`] (a metric label).
     endpoint: &'static str,
-    path_and_query: &'a str,
+    path_and_query: &'a PathAndQuery,
     body: &'a Rewritten,
     model_id: &'a str,
     upstream_model: &'a str,
@@ -171,18 +169,14 @@ async fn proxy(
     let (parts, body) = req.into_parts();
     let body = read_body(&parts.headers, body, rt.config.server.max_body_size_mb).await?;
     let probe = Probe::read(&body).ok_or(ProxyError::ModelRequired)?;
-    let model_id = rt.resolve_alias(&probe.model).to_owned();
-    let route = resolve_route(app, rt, &model_id)?;
-    let upstream_model = rt.real_name(&model_id).unwrap_or(&model_id).to_owned();
+    let model_id = rt.resolve_alias(&probe.model);
+    let route = resolve_route(app, rt, model_id)?;
+    let upstream_model = rt.real_name(model_id).unwrap_or(model_id);
     let stream = probe.stream;
-    let rewritten = request::rewrite(body.clone(), &probe, &upstream_model, &model_id);
+    let rewritten = request::rewrite(body.clone(), &probe, upstream_model, model_id);
     let usage_requested = probe.include_usage || rewritten.injected_usage;
-    drop(probe);
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or_else(|| parts.uri.path());
+    let root = PathAndQuery::from_static("/");
+    let path_and_query = parts.uri.path_and_query().unwrap_or(&root);
     let fwd = Forward {
         app,
         rt,
@@ -195,25 +189,25 @@ async fn proxy(
             .unwrap_or("other"),
         path_and_query,
         body: &rewritten,
-        model_id: &model_id,
-        upstream_model: &upstream_model,
+        model_id,
+        upstream_model,
         stream,
         usage_requested,
         hops,
     };
 
-    let cursor = rt.cursor(&model_id);
+    let cursor = rt.cursor(model_id);
     let attempts = rt.config.server.max_provider_retries + 1;
-    let mut tried: Vec<usize> = Vec::with_capacity(attempts as usize);
+    let mut tried = Tried::default();
     let mut last: Option<Failure> = None;
     for attempt in 0..attempts {
         let now = Instant::now();
         let pick = match select(
             rt,
             &route,
-            &model_id,
+            model_id,
             &cursor,
-            &tried,
+            tried.as_slice(),
             &*app.limits,
             &app.remote,
             now,
@@ -222,36 +216,37 @@ async fn proxy(
             Err(exhausted) => {
                 fwd.count_skipped(&exhausted);
                 if attempt == 0 {
-                    return Err(exhaustion(&model_id, exhausted, now));
+                    return Err(exhaustion(model_id, exhausted, now));
                 }
                 break;
             }
         };
         fwd.count_skipped(&pick.skipped);
         if attempt > 0 {
-            app.metrics.retry(&model_id);
+            app.metrics.retry(model_id);
         }
         tried.push(pick.slot.cred);
         let cred = &rt.credentials[pick.slot.cred];
         match fwd.attempt(cred, pick.slot, attempt + 1).await {
             Attempt::Answer(resp, tokens) => {
                 if pick.tier == Tier::Fallback {
-                    app.metrics.fallback(&model_id);
+                    app.metrics.fallback(model_id);
                 }
                 let status = resp.status().as_u16();
+                let elapsed = ctx.started.elapsed();
                 app.metrics
-                    .request_done(&model_id, &cred.name, status, ctx.started.elapsed());
+                    .request_done(model_id, &cred.name, status, elapsed);
                 // A stream logs its line when it ends, with its tokens.
                 if tokens.is_some() || !is_streaming(resp.headers()) {
                     access_log(
                         ctx,
-                        &model_id,
+                        model_id,
                         &cred.name,
                         status,
                         attempt + 1,
                         stream,
                         tokens.unwrap_or_default(),
-                        ctx.started.elapsed(),
+                        elapsed,
                     );
                 }
                 return Ok(resp);
@@ -260,32 +255,69 @@ async fn proxy(
         }
     }
     let last_cred: Arc<str> = tried
+        .as_slice()
         .last()
         .map(|&i| rt.credentials[i].name.clone())
         .unwrap_or_else(|| Arc::from("-"));
     match last {
         Some(Failure::Response(resp)) => {
             let status = resp.status().as_u16();
+            let elapsed = ctx.started.elapsed();
             app.metrics
-                .request_done(&model_id, &last_cred, status, ctx.started.elapsed());
+                .request_done(model_id, &last_cred, status, elapsed);
             access_log(
                 ctx,
-                &model_id,
+                model_id,
                 &last_cred,
                 status,
                 tried.len() as u32,
                 stream,
                 TokenUsage::default(),
-                ctx.started.elapsed(),
+                elapsed,
             );
             Ok(resp)
         }
         Some(Failure::Transport(t)) => Err(ProxyError::Upstream(t)),
         None => Err(ProxyError::Exhausted {
-            model: model_id.clone(),
+            model: model_id.to_owned(),
             reason: ExhaustedReason::Unavailable,
             retry_after: None,
         }),
+    }
+}
+
+/// The credentials one request has tried, in order (no allocation for the first few).
+#[derive(Default)]
+struct Tried {
+    inline: [usize; 4],
+    len: usize,
+    /// Every entry, once there are more than fit inline.
+    spill: Vec<usize>,
+}
+
+impl Tried {
+    fn push(&mut self, cred: usize) {
+        if self.len < self.inline.len() {
+            self.inline[self.len] = cred;
+        } else {
+            if self.spill.is_empty() {
+                self.spill.extend_from_slice(&self.inline);
+            }
+            self.spill.push(cred);
+        }
+        self.len += 1;
+    }
+
+    fn as_slice(&self) -> &[usize] {
+        if self.len <= self.inline.len() {
+            &self.inline[..self.len]
+        } else {
+            &self.spill
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
     }
 }
 
@@ -358,19 +390,27 @@ impl Forward<'_> {
         m.rejected("remote_unavailable", e.remote_refused);
     }
 
-    fn record(&self, cred: &Credential, slot: &Slot, outcome: Outcome, ttfb: Duration) {
+    /// Feeds one attempt's outcome to metrics and fail2ban; `now` is when it was decided.
+    fn record(
+        &self,
+        cred: &Credential,
+        slot: &Slot,
+        outcome: Outcome,
+        ttfb: Duration,
+        now: Instant,
+    ) {
         self.app.metrics.upstream_attempt(
             &cred.name,
             self.endpoint,
             outcome.status,
-            self.ctx.started.elapsed(),
+            now.saturating_duration_since(self.ctx.started),
             ttfb,
         );
         let ban = self.app.limits.record_outcome(
             self.slot_ref(cred, slot),
             outcome,
             &self.rt.policy,
-            Instant::now(),
+            now,
         );
         if let Some(ban) = ban {
             self.app.metrics.ban(&cred.name, self.model_id, ban.code);
@@ -397,6 +437,7 @@ impl Forward<'_> {
             TransportError::Timeout => 408,
             TransportError::Connect | TransportError::Body => 502,
         };
+        let now = Instant::now();
         self.record(
             cred,
             slot,
@@ -405,7 +446,8 @@ impl Forward<'_> {
                 retry_after: None,
                 counts: true,
             },
-            sent.elapsed(),
+            now.saturating_duration_since(sent),
+            now,
         );
         Attempt::Retry(Failure::Transport(error))
     }
@@ -413,7 +455,7 @@ impl Forward<'_> {
     async fn attempt(&self, cred: &Credential, slot: &Slot, attempt_no: u32) -> Attempt {
         let timeout = self.rt.config.server.request_timeout;
         let sent = Instant::now();
-        let resp = match (&cred.kind, &cred.mock) {
+        let (parts, body) = match (&cred.kind, &cred.mock) {
             (CredentialType::Mock, Some(cfg)) => {
                 let req = mock::MockRequest {
                     path: self.parts.uri.path(),
@@ -421,7 +463,8 @@ impl Forward<'_> {
                     stream: self.stream,
                     include_usage: self.stream && self.usage_requested,
                 };
-                mock::respond(cfg, req).await
+                let (parts, body) = mock::respond(cfg, req).await.into_parts();
+                (parts, UpstreamBody::Boxed(body))
             }
             _ => {
                 let req = match upstream::build(
@@ -453,13 +496,18 @@ impl Forward<'_> {
                         warn!(request_id = self.ctx.id(), credential = %cred.name, error = %e, "upstream request failed");
                         return self.transport_failure(cred, slot, TransportError::Connect, sent);
                     }
-                    Ok(Ok(resp)) => upstream::into_client_response(resp),
+                    Ok(Ok(resp)) => {
+                        let (mut parts, body) = resp.into_parts();
+                        upstream::strip_hop_by_hop(&mut parts.headers);
+                        (parts, UpstreamBody::Hyper(body))
+                    }
                 }
             }
         };
-        let ttfb = sent.elapsed();
-        let status = resp.status();
-        if is_streaming(resp.headers()) {
+        let head_at = Instant::now();
+        let ttfb = head_at.saturating_duration_since(sent);
+        let status = parts.status;
+        if is_streaming(&parts.headers) {
             // The answer, whatever its status: bytes are about to reach the client.
             self.record(
                 cred,
@@ -470,15 +518,21 @@ impl Forward<'_> {
                     counts: !status.is_success(),
                 },
                 ttfb,
+                head_at,
             );
+            let resp = Response::from_parts(parts, body.boxed());
             return Attempt::Answer(self.tap_stream(cred, slot, resp, attempt_no), None);
         }
 
-        let (parts, body) = resp.into_parts();
-        let limit = self.rt.config.server.max_body_size_mb
+        let limit = (self.rt.config.server.max_body_size_mb
             * self.rt.config.server.response_body_multiplier
-            * MIB;
-        let collect = collect_limited(body, limit as usize);
+            * MIB) as usize;
+        let collect = async {
+            match body {
+                UpstreamBody::Hyper(body) => collect_limited(body, limit).await,
+                UpstreamBody::Boxed(body) => collect_limited(body, limit).await,
+            }
+        };
         let collected = match timeout {
             Some(t) => tokio::time::timeout(t, collect)
                 .await
@@ -493,6 +547,7 @@ impl Forward<'_> {
             }
             Err(t) => return self.transport_failure(cred, slot, t, sent),
         };
+        let now = Instant::now();
         let benign = !status.is_success() && is_request_specific_error(&bytes);
         let retry_after = parts
             .headers
@@ -508,13 +563,14 @@ impl Forward<'_> {
                 counts: !benign,
             },
             ttfb,
+            now,
         );
         let mut tokens = TokenUsage::default();
         if status.is_success() {
             if let Some(u) = usage(&bytes) {
                 self.app
                     .limits
-                    .charge_tokens(self.slot_ref(cred, slot), u.total, Instant::now());
+                    .charge_tokens(self.slot_ref(cred, slot), u.total, now);
                 self.app.metrics.tokens(&cred.name, self.model_id, &u);
                 tokens = u;
             }
@@ -584,12 +640,31 @@ impl Forward<'_> {
 
 const MIB: u64 = 1024 * 1024;
 
+/// An upstream answer's body: hyper's, or the mock provider's.
+enum UpstreamBody {
+    Hyper(Incoming),
+    Boxed(RespBody),
+}
+
+impl UpstreamBody {
+    fn boxed(self) -> RespBody {
+        match self {
+            UpstreamBody::Hyper(body) => body.map_err(Into::into).boxed_unsync(),
+            UpstreamBody::Boxed(body) => body,
+        }
+    }
+}
+
 /// Buffers a response body up to `limit` bytes. (Not `http_body_util::Limited`: its boxed
 /// error type trips a compiler limitation when proving this future `Send`.)
-async fn collect_limited(mut body: RespBody, limit: usize) -> Result<Bytes, BoxError> {
+async fn collect_limited<B>(mut body: B, limit: usize) -> Result<Bytes, BoxError>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame?.into_data() {
+        if let Ok(data) = frame.map_err(Into::into)?.into_data() {
             if buf.len() + data.len() > limit {
                 return Err(format!("upstream response larger than {limit} bytes").into());
             }

@@ -50,6 +50,8 @@ pub struct Credential {
     pub authorization: Option<HeaderValue>,
     pub mock: Option<MockConfig>,
     pub state: Arc<CredState>,
+    /// `base_url` split for assembling request URIs (`None`: assembled from the string).
+    pub base: Option<crate::upstream::BaseUrl>,
 }
 
 impl Credential {
@@ -195,6 +197,7 @@ impl Runtime {
                 }),
                 mock: c.mock.clone(),
                 state: registry.cred_state(&c.name),
+                base: crate::upstream::BaseUrl::parse(c.kind, &c.base_url),
             })
             .collect();
         let by_name: HashMap<String, usize> = credentials

@@ -7,8 +7,12 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
-use http_body_util::{BodyExt, Full};
+use http::{
+    header,
+    uri::{Authority, PathAndQuery, Scheme},
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Uri,
+};
+use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
@@ -16,13 +20,16 @@ use hyper_util::{
 };
 
 use crate::{
-    body::RespBody,
     config::{CredentialType, ServerConfig},
     runtime::Credential,
 };
 
 /// The header that counts how many routers a request has passed.
 pub const HOPS_HEADER: HeaderName = HeaderName::from_static("x-airouter-hops");
+/// Returned to the client and forwarded upstream; taken from the client when it sent one.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -73,24 +80,81 @@ fn is_dropped(name: &HeaderName) -> bool {
     )
 }
 
-/// The upstream URL for a request path: `base_url` + path + query. For `openai`, a `/vN`
-/// version at the end of `base_url` replaces the path's own (`…/api/paas/v4` +
-/// `/v1/chat/completions` → `…/v4/chat/completions`).
-pub fn url(cred: &Credential, path_and_query: &str) -> Result<Uri, http::Error> {
-    let base = &cred.base_url;
-    let mut path = path_and_query;
-    if cred.kind == CredentialType::Openai && ends_with_version(base) {
-        if let Some(rest) = path.strip_prefix('/') {
+/// A credential's `base_url` split once at compile time, so a request's URI is assembled
+/// from parts instead of formatting and re-parsing a string.
+#[derive(Clone, Debug)]
+pub struct BaseUrl {
+    scheme: Scheme,
+    authority: Authority,
+    /// The path part of `base_url` (`""` or `/…`), without query or fragment.
+    prefix: Box<str>,
+    /// `openai` with a trailing `/vN`: the request path's own version is removed.
+    dedup_version: bool,
+}
+
+impl BaseUrl {
+    /// `None` when `base` is not a plain `scheme://authority[/path]` (the request path then
+    /// goes through the general string route, which gives the same URI for every base).
+    pub fn parse(kind: CredentialType, base: &str) -> Option<BaseUrl> {
+        let uri = Uri::try_from(base).ok()?;
+        let scheme = uri.scheme()?.clone();
+        let authority = uri.authority()?.clone();
+        let prefix = base.strip_prefix(scheme.as_str())?.strip_prefix("://")?;
+        let prefix = prefix.strip_prefix(authority.as_str())?;
+        if !(prefix.is_empty() || prefix.starts_with('/')) || prefix.contains(['?', '#']) {
+            return None;
+        }
+        Some(BaseUrl {
+            scheme,
+            authority,
+            prefix: prefix.into(),
+            dedup_version: kind == CredentialType::Openai && ends_with_version(base),
+        })
+    }
+}
+
+/// The request path after the `/vN` dedup of [`url`].
+fn effective_path<'p>(cred: &Credential, path_and_query: &'p str) -> &'p str {
+    let dedup = match &cred.base {
+        Some(base) => base.dedup_version,
+        None => cred.kind == CredentialType::Openai && ends_with_version(&cred.base_url),
+    };
+    if dedup {
+        if let Some(rest) = path_and_query.strip_prefix('/') {
             let (first, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
             if is_version(first) {
-                path = tail;
+                return tail;
             }
         }
     }
-    let mut s = String::with_capacity(base.len() + path.len());
-    s.push_str(base);
-    s.push_str(path);
-    Ok(Uri::try_from(s)?)
+    path_and_query
+}
+
+/// The upstream URL for a request path: `base_url` + path + query. For `openai`, a `/vN`
+/// version at the end of `base_url` replaces the path's own (`…/api/paas/v4` +
+/// `/v1/chat/completions` → `…/v4/chat/completions`).
+pub fn url(cred: &Credential, path_and_query: &PathAndQuery) -> Result<Uri, http::Error> {
+    let pq = path_and_query.as_str();
+    let path = effective_path(cred, pq);
+    let Some(base) = &cred.base else {
+        let mut s = String::with_capacity(cred.base_url.len() + path.len());
+        s.push_str(&cred.base_url);
+        s.push_str(path);
+        return Ok(Uri::try_from(s)?);
+    };
+    let path_and_query = if base.prefix.is_empty() && path.len() == pq.len() {
+        path_and_query.clone()
+    } else {
+        let mut s = String::with_capacity(base.prefix.len() + path.len());
+        s.push_str(&base.prefix);
+        s.push_str(path);
+        PathAndQuery::try_from(s)?
+    };
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(base.scheme.clone());
+    parts.authority = Some(base.authority.clone());
+    parts.path_and_query = Some(path_and_query);
+    Ok(Uri::from_parts(parts)?)
 }
 
 fn is_version(segment: &str) -> bool {
@@ -107,7 +171,7 @@ fn ends_with_version(base: &str) -> bool {
 pub fn build(
     cred: &Credential,
     method: &Method,
-    path_and_query: &str,
+    path_and_query: &PathAndQuery,
     client_headers: &HeaderMap,
     body: Bytes,
     hops: u32,
@@ -130,25 +194,27 @@ pub fn build(
     if cred.kind == CredentialType::Proxy {
         headers.insert(HOPS_HEADER, HeaderValue::from(hops + 1));
     }
-    headers.insert(HeaderName::from_static("x-request-id"), request_id.clone());
+    headers.insert(REQUEST_ID, request_id.clone());
     Ok(req)
 }
 
-/// Copies an upstream response's headers for the client, without hop-by-hop ones.
-pub fn into_client_response(resp: Response<hyper::body::Incoming>) -> Response<RespBody> {
-    let (mut parts, body) = resp.into_parts();
-    for name in [
+/// Removes an upstream response's hop-by-hop headers before it is passed to the client.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    const HOP_BY_HOP: [HeaderName; 7] = [
         header::CONNECTION,
         header::TRANSFER_ENCODING,
         header::TE,
         header::TRAILER,
         header::UPGRADE,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        parts.headers.remove(name);
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+    ];
+    // Usually there are none: look once instead of removing each by hash.
+    if headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        for name in HOP_BY_HOP {
+            headers.remove(name);
+        }
     }
-    Response::from_parts(parts, body.map_err(Into::into).boxed_unsync())
 }
 
 #[cfg(test)]
@@ -169,23 +235,60 @@ mod tests {
             authorization: None,
             mock: None,
             state: Arc::default(),
+            base: BaseUrl::parse(kind, base),
         }
+    }
+
+    fn pq(s: &'static str) -> PathAndQuery {
+        PathAndQuery::from_static(s)
     }
 
     #[test]
     fn version_dedup_only_for_openai() {
         let c = cred(CredentialType::Openai, "https://h/api/paas/v4");
         assert_eq!(
-            url(&c, "/v1/chat/completions?x=1").unwrap(),
+            url(&c, &pq("/v1/chat/completions?x=1")).unwrap(),
             "https://h/api/paas/v4/chat/completions?x=1"
         );
         let c = cred(CredentialType::Openai, "https://h");
         assert_eq!(
-            url(&c, "/v1/chat/completions").unwrap(),
+            url(&c, &pq("/v1/chat/completions")).unwrap(),
             "https://h/v1/chat/completions"
         );
         let c = cred(CredentialType::Proxy, "http://r/v4");
-        assert_eq!(url(&c, "/v1/models").unwrap(), "http://r/v4/v1/models");
+        assert_eq!(url(&c, &pq("/v1/models")).unwrap(), "http://r/v4/v1/models");
+    }
+
+    #[test]
+    fn assembled_uris_equal_the_formatted_ones() {
+        for base in [
+            "http://127.0.0.1:9000",
+            "https://api.openai.com",
+            "https://h/api/paas/v4",
+            "http://user:pw@h:81/openai",
+            "http://h/x?api-version=1",
+            "http://[::1]:8080/a/v2",
+            "https://H.example",
+        ] {
+            for kind in [CredentialType::Openai, CredentialType::Proxy] {
+                for path in [
+                    "/v1/chat/completions",
+                    "/v1/embeddings?x=1&y=%20",
+                    "/v3/responses",
+                ] {
+                    let split = cred(kind, base);
+                    let unsplit = Credential {
+                        base: None,
+                        ..cred(kind, base)
+                    };
+                    assert_eq!(
+                        url(&split, &pq(path)).unwrap().to_string(),
+                        url(&unsplit, &pq(path)).unwrap().to_string(),
+                        "{base} {path}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
@@ -201,7 +304,7 @@ mod tests {
         let req = build(
             &c,
             &Method::POST,
-            "/v1/chat/completions",
+            &pq("/v1/chat/completions"),
             &h,
             Bytes::new(),
             2,
