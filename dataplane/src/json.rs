@@ -12,8 +12,8 @@
 pub(crate) const LO: u64 = 0x0101_0101_0101_0101;
 pub(crate) const HI: u64 = 0x8080_8080_8080_8080;
 
-/// Bytes of `w` that are zero have their high bit set in the result (the lowest flagged byte
-/// is always a true zero; higher ones may be false positives, so only the lowest is used).
+/// Bytes of `w` that are zero have their high bit set in the result. No zero byte is missed;
+/// a byte above a zero one may be flagged falsely, so callers use the lowest flag or re-check.
 #[inline(always)]
 pub(crate) fn zero_bytes(w: u64) -> u64 {
     w.wrapping_sub(LO) & !w & HI
