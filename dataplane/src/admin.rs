@@ -235,7 +235,7 @@ fn state(app: &App, rt: &Runtime) -> State {
                 kind: cred.kind.as_str(),
                 is_fallback: cred.is_fallback,
                 supported: cred.kind.is_supported(),
-                available: cred.is_available(&usage),
+                available: rt.is_available(i, &usage),
                 rpm: Window {
                     used: usage.rpm,
                     limit: cred.rpm.as_i64(),

@@ -14,6 +14,9 @@ use crate::body::{full, RespBody};
 pub enum ExhaustedReason {
     RateLimited,
     Banned,
+    /// Every candidate is a proxy whose remote reported the model unavailable at its last
+    /// health sync (§12.9): no round trip to a router that would refuse.
+    RemoteUnavailable,
     /// Some rate-limited, some banned, or none left untried.
     Unavailable,
 }
@@ -23,6 +26,7 @@ impl ExhaustedReason {
         match self {
             ExhaustedReason::RateLimited => "rate_limited",
             ExhaustedReason::Banned => "banned",
+            ExhaustedReason::RemoteUnavailable => "remote_unavailable",
             ExhaustedReason::Unavailable => "unavailable",
         }
     }
@@ -87,6 +91,9 @@ fn exhausted_message(reason: ExhaustedReason, model: &str) -> String {
     let why = match reason {
         ExhaustedReason::RateLimited => "every credential is at its rate limit",
         ExhaustedReason::Banned => "every credential is temporarily banned after upstream errors",
+        ExhaustedReason::RemoteUnavailable => {
+            "every remote router reported it unavailable at its last health sync"
+        }
         ExhaustedReason::Unavailable => {
             "every credential is rate-limited, banned or already failed"
         }
@@ -128,6 +135,7 @@ impl ProxyError {
             ProxyError::Exhausted { reason, .. } => Some(match reason {
                 ExhaustedReason::RateLimited => "all_credentials_rate_limited",
                 ExhaustedReason::Banned => "all_credentials_banned",
+                ExhaustedReason::RemoteUnavailable => "remote_unavailable",
                 ExhaustedReason::Unavailable => "no_credentials_available",
             }),
             ProxyError::LoopDetected { .. } => Some("loop_detected"),

@@ -99,15 +99,15 @@ struct PairHealth<'a> {
 }
 
 /// The upstream `/health` document (spec §9.1) with our fixes (§12.12): a credential counts as
-/// banned when any of its pairs is, as available when it is not banned, not at a credential
-/// limit and of a supported type; the status is 503 only when none is available.
+/// banned when any of its pairs is, and as available when it can still serve some model
+/// ([`Runtime::is_available`]); the status is 503 only when none is available.
 pub fn health(rt: &Runtime, remote: &RemoteHealth) -> Response<RespBody> {
     let now = Instant::now();
     let usages: Vec<CredUsage> = rt.credentials.iter().map(|c| c.state.usage(now)).collect();
     let mut credentials = BTreeMap::new();
     let mut models = BTreeMap::new();
     let (mut available, mut banned) = (0, 0);
-    for (cred, usage) in rt.credentials.iter().zip(&usages) {
+    for (i, (cred, usage)) in rt.credentials.iter().zip(&usages).enumerate() {
         let mut banned_counts = BTreeMap::new();
         for pair in usage.pairs.iter().filter(|p| p.ban.is_some()) {
             for (code, n) in &pair.strikes {
@@ -116,7 +116,7 @@ pub fn health(rt: &Runtime, remote: &RemoteHealth) -> Response<RespBody> {
         }
         let is_banned = usage.any_ban();
         banned += usize::from(is_banned);
-        available += usize::from(cred.is_available(usage));
+        available += usize::from(rt.is_available(i, usage));
         credentials.insert(
             &*cred.name,
             CredentialHealth {

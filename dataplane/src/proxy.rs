@@ -216,7 +216,12 @@ async fn proxy(
             Err(exhausted) => {
                 fwd.count_skipped(&exhausted);
                 if attempt == 0 {
-                    return Err(exhaustion(model_id, exhausted, now));
+                    return Err(exhaustion(
+                        model_id,
+                        exhausted,
+                        now,
+                        rt.config.server.health_sync_interval,
+                    ));
                 }
                 break;
             }
@@ -725,16 +730,24 @@ async fn read_body(
     }
 }
 
-fn exhaustion(model: &str, e: Exhausted, now: Instant) -> ProxyError {
+/// The 503 for `model`. `Retry-After` is when the first skipped credential frees up; a remote
+/// that refused is read again at the next health sync, at most `sync_interval` away.
+fn exhaustion(model: &str, e: Exhausted, now: Instant, sync_interval: Duration) -> ProxyError {
     let reason = match (e.rate_limited, e.banned, e.remote_refused) {
         (r, 0, 0) if r > 0 => ExhaustedReason::RateLimited,
         (0, b, 0) if b > 0 => ExhaustedReason::Banned,
+        (0, 0, n) if n > 0 => ExhaustedReason::RemoteUnavailable,
         _ => ExhaustedReason::Unavailable,
     };
+    let resync = (e.remote_refused > 0).then(|| sync_interval.as_secs().max(1));
+    let frees = e.frees_at.map(|at| retry_after_secs(at, now));
     ProxyError::Exhausted {
         model: model.to_owned(),
         reason,
-        retry_after: e.frees_at.map(|at| retry_after_secs(at, now)),
+        retry_after: match (frees, resync) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        },
     }
 }
 

@@ -55,12 +55,6 @@ pub struct Credential {
 }
 
 impl Credential {
-    /// Whether `/health` and `/admin/state` count the credential as available: a supported
-    /// type, no banned model, and room in its own windows.
-    pub fn is_available(&self, usage: &crate::limit::CredUsage) -> bool {
-        self.kind.is_supported() && !usage.any_ban() && !usage.at_limit(self.rpm, self.tpm)
-    }
-
     pub fn tier(&self) -> Tier {
         if self.is_fallback {
             Tier::Fallback
@@ -298,6 +292,26 @@ impl Runtime {
         }
     }
 
+    /// Whether `/health` and `/admin/state` count credential `i` as available: a supported
+    /// type with room in its own windows that can still serve some model — any model when no
+    /// `models[]` entry binds it, else one of its bound models that is not banned. A ban is per
+    /// (credential, model): one cooled-down model must not make a router in front of this one
+    /// skip it for every model (§12.9).
+    pub fn is_available(&self, i: usize, usage: &crate::limit::CredUsage) -> bool {
+        let cred = &self.credentials[i];
+        if !cred.kind.is_supported() || usage.at_limit(cred.rpm, cred.tpm) {
+            return false;
+        }
+        let serves_any = self.open_route.tiers.iter().flatten().any(|s| s.cred == i);
+        let banned = |model: &str| {
+            usage
+                .pairs
+                .iter()
+                .any(|p| p.model == model && p.ban.is_some())
+        };
+        serves_any || self.pairs().any(|(model, s)| s.cred == i && !banned(model))
+    }
+
     /// The route of a model id a `models[]` entry names, if it has any credential.
     pub fn static_route(&self, model_id: &str) -> Option<&Route> {
         self.routes.get(model_id).filter(|r| !r.is_empty())
@@ -411,6 +425,41 @@ mod tests {
         - {name: b, type: openai, api_key: x, base_url: 'http://h'}\n\
         - {name: f, type: proxy, base_url: 'http://h', is_fallback: true}\n\
         - {name: g, type: gemini, api_key: x, base_url: 'http://h'}\n";
+
+    #[test]
+    fn a_credential_is_available_while_it_can_serve_some_model() {
+        use std::time::Instant;
+
+        use crate::limit::fail2ban::{Outcome, Policy};
+        let ban = |rt: &Runtime, cred: usize, model: &str| {
+            rt.credentials[cred].state.record_outcome(
+                model,
+                Outcome {
+                    status: 429,
+                    retry_after: None,
+                    counts: true,
+                },
+                &Policy::compile(None),
+                Instant::now(),
+            );
+        };
+        let available = |rt: &Runtime, cred: usize| {
+            rt.is_available(cred, &rt.credentials[cred].state.usage(Instant::now()))
+        };
+        // Bound by models[]: unavailable only once every bound model is banned.
+        let rt = runtime(&format!(
+            "{CREDS}models:\n- {{name: m1, credential: a}}\n- {{name: m2, credential: a}}\n- {{name: m1, credential: b}}\n"
+        ));
+        ban(&rt, 0, "m1");
+        assert!(available(&rt, 0), "a still serves m2");
+        ban(&rt, 0, "m2");
+        assert!(!available(&rt, 0));
+        assert!(!available(&rt, 3), "no adapter for gemini");
+        // No models[] filter: a credential serves any model, so one ban never empties it.
+        let rt = runtime(CREDS);
+        ban(&rt, 1, "m1");
+        assert!(available(&rt, 1));
+    }
 
     #[test]
     fn routes_bind_global_and_specific_entries() {

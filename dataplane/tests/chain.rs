@@ -446,8 +446,14 @@ async fn remote_without_available_credentials_is_skipped_after_sync() {
     for _ in 0..2 {
         let resp = a.chat("gpt-4o").await;
         assert_eq!(resp.status().as_u16(), 503);
+        let retry_after: u64 = resp.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(retry_after >= 1, "the next sync may change the answer");
         let v: Value = resp.json().await.unwrap();
-        assert_eq!(error_of(&v).2, Some("no_credentials_available"), "{v}");
+        assert_eq!(error_of(&v).2, Some("remote_unavailable"), "{v}");
     }
     assert_eq!(
         attempts(&a, "p1").await,
@@ -493,8 +499,9 @@ async fn remote_model_at_its_limit_is_skipped_for_that_model_only() {
 
     let resp = a.chat("m1").await;
     assert_eq!(resp.status().as_u16(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
     let v: Value = resp.json().await.unwrap();
-    assert_eq!(error_of(&v).2, Some("no_credentials_available"), "{v}");
+    assert_eq!(error_of(&v).2, Some("remote_unavailable"), "{v}");
     assert_eq!(attempts(&a, "p1").await, 1.0, "m1 must not be forwarded");
     assert_eq!(y.count(), 1);
 

@@ -202,10 +202,19 @@ fn secret_to_pools(
     out
 }
 
-fn log_controller_error<E: std::fmt::Debug>(controller: &str, e: &E) {
-    // Object-not-found after a delete and queue errors are routine; reconcile errors were
-    // already counted and logged by the error policy.
-    tracing::debug!(controller, error = ?e, "controller event");
+fn log_controller_error(
+    controller: &str,
+    e: &kube::runtime::controller::Error<Error, watcher::Error>,
+) {
+    use kube::runtime::controller::Error as E;
+    match e {
+        // A reconcile scheduled for an object deleted meanwhile: routine.
+        E::ObjectNotFound(_) => tracing::debug!(controller, "{e}"),
+        // Already counted and logged by the error policy.
+        E::ReconcilerFailed(..) => {}
+        // A watch failing (RBAC, API server down) stops changes from arriving: say so.
+        E::QueueError(_) | E::RunnerError(_) => warn!(controller, "{e}"),
+    }
 }
 
 fn key<K: kube::Resource>(controller: &str, obj: &K) -> String {
