@@ -370,7 +370,9 @@ def main() -> int:
     finally:
         stop_all()
 
-    results["go_router"] = {"binary": GO_ROUTER, "note": GO_ROUTER_NOTE}
+    # GO_ROUTER_PROVENANCE: where a prebuilt GO_ROUTER_BIN came from, said in RESULTS.md.
+    results["go_router"] = {"binary": GO_ROUTER, "note": GO_ROUTER_NOTE,
+                            "provenance": os.environ.get("GO_ROUTER_PROVENANCE", "")}
     (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2))
     write_markdown(results)
     print((ROOT / "bench" / "RESULTS.md").read_text())
@@ -472,7 +474,8 @@ def write_markdown(r: dict) -> None:
     gr = r.get("go_router") or {}
     if go_rps:
         s.append(f"\nGo Auto AI Router: `{gr.get('binary')}` (from `GO_ROUTER_BIN` or `tests/tools/go-router.sh`), same "
-                 "topology (`bench/bench.py: go_router_config`); it is in scenarios 1–4 and 6.\n")
+                 "topology (`bench/bench.py: go_router_config`); it is in scenarios 1–4 and 6."
+                 + (f" Provenance: {gr['provenance']}" if gr.get("provenance") else "") + "\n")
     else:
         s.append(f"\nThe Go Auto AI Router was not measured: {gr.get('note') or 'unknown reason'}.\n")
 
