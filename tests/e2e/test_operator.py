@@ -237,6 +237,18 @@ def test_a_pod_that_starts_on_a_stale_config_is_brought_up_to_date(env):
     status = cp.get("routerpool", "p", ns)["status"]
     assert status["syncedReplicas"] == 2, status
     assert second.admin("/admin/config/hash", token)["hash"] == status["configHash"]
+
+    # A pod that stops answering while its Pod object still says Ready: the push to it fails,
+    # the pool says which pod and why, and a SyncFailed Event is published.
+    second.proc.kill()
+    second.proc.wait()
+    cp.kubectl("patch", "credential", "c1", "-n", ns, "--type=merge", "-p", json.dumps({"spec": {"rpm": 1500}}))
+    synced = wait_for("ConfigSynced=False", lambda: (c := cp.condition("routerpool", "p", ns, "ConfigSynced"))
+                      and c["status"] == "False" and c)
+    assert synced["reason"] == "PushFailed" and f"pod {second.name} unreachable" in synced["message"], synced
+    assert cp.get("routerpool", "p", ns)["status"]["syncedReplicas"] == 1
+    wait_for("a SyncFailed Event", lambda: events(cp, ns, "SyncFailed"))
+    assert (state_of(first, token, "c1") or {}).get("rpm", {}).get("limit") == 750, "the live pod got it"
     for pod in (first, second):
         kubelet.stop_pod(pod)
 
