@@ -267,10 +267,6 @@ fn max_usage(a: TokenUsage, b: TokenUsage) -> TokenUsage {
 /// line), and whether [`inspect_event`] could find usage in it — false when the event has
 /// no `"usage"`, or only `"usage": null` and no `\u` escape (see [`usage_always_null`]).
 fn next_event(buf: &[u8]) -> Option<(usize, bool)> {
-    use crate::json::{word, zero_bytes, LO};
-    const NL: u64 = LO * b'\n' as u64;
-    const G: u64 = LO * b'g' as u64;
-    const BS: u64 = LO * b'\\' as u64;
     let mut line_start = 0;
     let mut first_usage: Option<usize> = None;
     let mut unicode_escape = false;
@@ -297,33 +293,11 @@ fn next_event(buf: &[u8]) -> Option<(usize, bool)> {
         }
         None
     };
-    let mut i = 0;
     let mut end = None;
-    'scan: while i + 8 <= buf.len() {
-        let w = word(buf, i);
-        let mut m = zero_bytes(w ^ NL) | zero_bytes(w ^ G) | zero_bytes(w ^ BS);
-        while m != 0 {
-            let k = i + (m.trailing_zeros() / 8) as usize;
-            // Flags above a true match may be false positives: re-check the byte.
-            if matches!(buf[k], b'\n' | b'g' | b'\\') {
-                if let Some(e) = hit(k, &mut line_start) {
-                    end = Some(e);
-                    break 'scan;
-                }
-            }
-            m &= m - 1;
-        }
-        i += 8;
-    }
-    if end.is_none() {
-        while i < buf.len() {
-            if matches!(buf[i], b'\n' | b'g' | b'\\') {
-                if let Some(e) = hit(i, &mut line_start) {
-                    end = Some(e);
-                    break;
-                }
-            }
-            i += 1;
+    for k in memchr::memchr3_iter(b'\n', b'g', b'\\', buf) {
+        if let Some(e) = hit(k, &mut line_start) {
+            end = Some(e);
+            break;
         }
     }
     let end = end?;
@@ -391,9 +365,6 @@ fn ends_events(data: &[u8]) -> bool {
 /// Whether some event of `data` could report usage: it has a `"usage"` not followed by
 /// `: null`, or a `\u` escape (a key could spell `usage` with one). One pass for `g` and `\\`.
 fn may_report_usage(data: &[u8]) -> bool {
-    use crate::json::{word, zero_bytes, LO};
-    const G: u64 = LO * b'g' as u64;
-    const BS: u64 = LO * b'\\' as u64;
     let mut first_usage = None;
     let mut check = |k: usize| -> bool {
         match data[k] {
@@ -411,21 +382,8 @@ fn may_report_usage(data: &[u8]) -> bool {
             _ => false,
         }
     };
-    let mut i = 0;
-    while i + 8 <= data.len() {
-        let mut m = zero_bytes(word(data, i) ^ G) | zero_bytes(word(data, i) ^ BS);
-        while m != 0 {
-            if check(i + (m.trailing_zeros() / 8) as usize) {
-                return true;
-            }
-            m &= m - 1;
-        }
-        i += 8;
-    }
-    for k in i..data.len() {
-        if check(k) {
-            return true;
-        }
+    if memchr::memchr2_iter(b'g', b'\\', data).any(&mut check) {
+        return true;
     }
     first_usage.is_some_and(|first| !usage_always_null(data, first))
 }
