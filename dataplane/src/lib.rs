@@ -7,7 +7,8 @@
 //! [`select`] with [`limit`], [`upstream`] or [`mock`], [`stream`] accounting) → responses and
 //! [`error`]s; [`health`] views and [`metrics`]; [`server`] accepts connections. [`app`] owns
 //! the one path by which a document becomes the running config ([`admin`] API, [`reload`] on
-//! SIGHUP or file change); [`remote`] syncs what chained routers report.
+//! SIGHUP or file change); [`remote`] syncs what chained routers report; [`telemetry`] sets up
+//! logs for both binaries.
 
 pub mod admin;
 pub mod app;
@@ -34,4 +35,5 @@ pub mod select;
 pub mod server;
 pub mod store;
 pub mod stream;
+pub mod telemetry;
 pub mod upstream;

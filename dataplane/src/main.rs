@@ -7,11 +7,12 @@ use std::{
 
 use airouter::{
     app::App,
-    config::{ConfigError, Loaded, LogLevel, RouterConfig},
+    config::{ConfigError, Loaded, RouterConfig},
     reload,
     server::{self, Role},
+    telemetry::{init_tracing, LogFormat},
 };
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use tracing::{error, info, warn};
 
 /// Exit status for a config that does not validate (sysexits EX_USAGE).
@@ -49,12 +50,6 @@ enum Command {
         /// Config file to check.
         file: PathBuf,
     },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 /// Accepts the upstream spelling (`-config FILE`, no subcommand) so existing deployment
@@ -141,20 +136,6 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
-fn init_tracing(level: LogLevel, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("{},hyper=warn,rustls=warn", level.as_str()))
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
 fn run(path: &Path, log_format: LogFormat, listen_host: Option<String>) -> ExitCode {
     let loaded = match load(path) {
         Ok(loaded) => loaded,
@@ -166,7 +147,13 @@ fn run(path: &Path, log_format: LogFormat, listen_host: Option<String>) -> ExitC
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    init_tracing(loaded.config.server.logging_level, log_format);
+    init_tracing(
+        &format!(
+            "{},hyper=warn,rustls=warn",
+            loaded.config.server.logging_level.as_str()
+        ),
+        log_format,
+    );
     for w in &loaded.warnings {
         warn!(field = %w.field, "{}", w.message);
     }

@@ -78,15 +78,14 @@ pub async fn run(
 
     // === RouterPool controller ===
     let pool_controller = {
-        let (pools, creds) = (pool_store.clone(), cred_store.clone());
+        let pools = pool_store.clone();
         let on_cred = move |c: Cred| triggers::pools_for_credential(&c, &pools.state());
-        let (pools, creds2) = (pool_store.clone(), creds.clone());
-        let on_secret = move |s: PartialObjectMeta<Secret>| {
-            secret_to_pools(&s, &pools.state(), &creds2.state())
-        };
-        let (pools, creds3) = (pool_store.clone(), creds.clone());
+        let (pools, creds) = (pool_store.clone(), cred_store.clone());
+        let on_secret =
+            move |s: PartialObjectMeta<Secret>| secret_to_pools(&s, &pools.state(), &creds.state());
+        let (pools, creds) = (pool_store.clone(), cred_store.clone());
         let on_pool =
-            move |p: Pool| triggers::pools_depending_on(&p, &pools.state(), &creds3.state());
+            move |p: Pool| triggers::pools_depending_on(&p, &pools.state(), &creds.state());
         let on_pod = |p: Pod| {
             let pool = pods::pool_of(&p).map(str::to_owned);
             pool.map(|name| {
@@ -116,7 +115,7 @@ pub async fn run(
             on_pool,
         )
         .watches_stream(
-            triggers::changed_or_deleted(pod_events, pods::readiness_key),
+            triggers::changed_or_deleted(pod_events, triggers::pod_readiness),
             on_pod,
         )
         .graceful_shutdown_on(shutdown.clone())
@@ -315,14 +314,14 @@ async fn poll_live_state(ctx: Arc<Context>, changed: mpsc::UnboundedSender<Objec
             })
             .collect();
         let timeout = ctx.settings.push_timeout.min(Duration::from_secs(5));
-        let (state, ok, failed) = live::poll(&ctx.push_client, &targets, timeout).await;
-        for (outcome, n) in [("ok", ok), ("failed", failed)] {
+        let reading = live::poll(&ctx.push_client, &targets, timeout).await;
+        for (outcome, n) in [("ok", reading.ok), ("failed", reading.failed)] {
             ctx.metrics
                 .live_polls
                 .get_or_create(&OutcomeLabels { outcome })
                 .inc_by(n as u64);
         }
-        for (namespace, name) in ctx.live.replace(state) {
+        for (namespace, name) in ctx.live.replace(reading.state, &reading.partial) {
             if changed
                 .unbounded_send(ObjectRef::<Cred>::new(&name).within(&namespace))
                 .is_err()

@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+use airouter::telemetry::{init_tracing, LogFormat};
 use airouter_operator::{
     context::Settings,
     controller,
@@ -15,7 +16,7 @@ use airouter_operator::{
     metrics::{self, Metrics},
     router_pool::desired::Defaults,
 };
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use kube::{runtime::events::Reporter, Client};
 use tracing::{error, info, warn};
@@ -83,15 +84,12 @@ struct RunArgs {
     log_format: LogFormat,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 fn main() -> ExitCode {
     let Command::Run(args) = Cli::parse().command;
-    init_tracing(args.log_format);
+    init_tracing(
+        "info,kube=warn,kube_lease_manager=warn,hyper=warn",
+        args.log_format,
+    );
     if args.lease_grace >= args.lease_duration {
         error!("--lease-grace must be shorter than --lease-duration");
         return ExitCode::from(64);
@@ -119,20 +117,6 @@ fn parse_resources(text: &str) -> Result<ResourceRequirements, String> {
     serde_json::from_str(text).map_err(|e| {
         format!("not a resources object such as {{\"requests\":{{\"cpu\":\"100m\"}}}}: {e}")
     })
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,kube=warn,kube_lease_manager=warn,hyper=warn")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {

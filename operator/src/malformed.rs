@@ -6,9 +6,12 @@
 //! the stored object into the current typed schema, which is exactly what fails for it.
 
 use airouter_crds::condition::{Condition, ConditionStatus};
+use std::time::Instant;
+
+use k8s_openapi::NamespaceResourceScope;
 use kube::{
     api::{Api, Patch, PatchParams},
-    runtime::events::EventType,
+    runtime::{controller::Action, events::EventType},
     Resource, ResourceExt,
 };
 use serde::de::DeserializeOwned;
@@ -20,17 +23,23 @@ use crate::{
     router_pool::status::Note,
 };
 
-/// Records why `obj` cannot be used. `kind` names it in messages.
-pub async fn record<K>(
+/// Records why `obj` cannot be used (`kind` names it in messages), counts the reconcile for
+/// `controller` and waits for the object to change.
+pub async fn handle<K>(
     ctx: &Context,
-    api: &Api<K>,
     obj: &K,
     kind: &'static str,
     error: &str,
-) -> Result<()>
+    controller: &'static str,
+    started: Instant,
+) -> Result<Action>
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
 {
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let err = Error::Malformed {
         kind,
         name: obj.name_any(),
@@ -61,5 +70,7 @@ where
         },
     )
     .await;
-    Ok(())
+    ctx.metrics
+        .reconciled(controller, started.elapsed(), "user_error");
+    Ok(Action::await_change())
 }

@@ -16,7 +16,9 @@ use kube::{
     Resource, ResourceExt,
 };
 
-use crate::router_pool::resolve::selects;
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::router_pool::{pods, resolve::selects};
 
 pub type Pool = DeserializeGuard<RouterPool>;
 pub type Cred = DeserializeGuard<Credential>;
@@ -63,6 +65,22 @@ fn hash_of(value: impl Hash) -> Option<u64> {
 /// The spec and labels: what a Credential's or RouterPool's consumers read.
 pub fn spec_and_labels<K: Resource>(obj: &K) -> Option<u64> {
     hash_of((obj.meta().generation, obj.meta().labels.as_ref()))
+}
+
+/// A pod's readiness, IP and the time its `Ready` condition last flipped — a restarted
+/// container re-reads its mounted config, and its Ready transition shows it.
+pub fn pod_readiness(pod: &Pod) -> Option<u64> {
+    let status = pod.status.as_ref();
+    let ready_since = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|c| c.last_transition_time.as_ref())
+        .map(|t| t.0.to_string());
+    hash_of((
+        pods::is_ready(pod),
+        status.and_then(|s| s.pod_ip.as_ref()),
+        ready_since,
+    ))
 }
 
 /// Every change.
@@ -351,6 +369,30 @@ mod tests {
             names(pools_for_credential(&DeserializeGuard(Ok(moved)), &pools)),
             ["main"]
         );
+    }
+
+    fn pod(name: &str, pool: &str, ready: &str, ip: Option<&str>) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "ai", "labels": {
+                "app.kubernetes.io/instance": pool, "app.kubernetes.io/managed-by": "airouter-operator"}},
+            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": ready}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn pod_readiness_follows_readiness_and_ip() {
+        let a = pod("a", "main", "True", Some("10.0.0.1"));
+        assert_eq!(pod_readiness(&a), pod_readiness(&a.clone()));
+        assert_ne!(
+            pod_readiness(&a),
+            pod_readiness(&pod("a", "main", "False", Some("10.0.0.1")))
+        );
+        assert_ne!(
+            pod_readiness(&a),
+            pod_readiness(&pod("a", "main", "True", Some("10.0.0.9")))
+        );
+        assert_eq!(pods::pool_of(&a), Some("main"));
     }
 
     #[tokio::test]

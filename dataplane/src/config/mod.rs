@@ -329,9 +329,7 @@ impl RouterConfig {
     /// rendering): equal configs hash equal whatever their key order, comments or env
     /// indirection. The operator reports the same value in `RouterPool.status.configHash`.
     pub fn hash(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let digest = Sha256::digest(self.to_yaml().as_bytes());
-        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+        document_hash(&self.to_yaml())
     }
 
     /// Renders the document in the file format; [`RouterConfig::from_yaml`] reads it back to
@@ -339,6 +337,14 @@ impl RouterConfig {
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).expect("RouterConfig serialises to YAML")
     }
+}
+
+/// [`RouterConfig::hash`] of the config whose [`RouterConfig::to_yaml`] is `document`, for a
+/// caller that already rendered it.
+pub fn document_hash(document: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(document.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

@@ -6,7 +6,7 @@
 //! so with nothing changing, nothing is written.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     time::Duration,
 };
 
@@ -132,13 +132,18 @@ pub struct PoolPods {
     pub pods: Vec<PodTarget>,
 }
 
-/// I/O: reads every pod of every pool and aggregates per (namespace, credential). Also
-/// returns how many pods answered and how many did not.
-pub async fn poll(
-    client: &PushClient,
-    pools: &[PoolPods],
-    timeout: Duration,
-) -> (HashMap<(String, String), LiveState>, usize, usize) {
+/// One round of [`poll`].
+pub struct Reading {
+    pub state: HashMap<(String, String), LiveState>,
+    /// Namespaces where some ready pod did not answer: their previous state is kept for
+    /// Credentials this round saw nothing of (see [`LiveIndex::replace`]).
+    pub partial: BTreeSet<String>,
+    pub ok: usize,
+    pub failed: usize,
+}
+
+/// I/O: reads every pod of every pool and aggregates per (namespace, credential).
+pub async fn poll(client: &PushClient, pools: &[PoolPods], timeout: Duration) -> Reading {
     let reads = pools.iter().flat_map(|pool| {
         pool.pods.iter().map(move |pod| async move {
             (
@@ -148,24 +153,31 @@ pub async fn poll(
         })
     });
     let results = join_all(reads).await;
-    let (mut ok, mut failed) = (0, 0);
+    let mut reading = Reading {
+        state: HashMap::new(),
+        partial: BTreeSet::new(),
+        ok: 0,
+        failed: 0,
+    };
     let mut by_namespace: BTreeMap<&str, Vec<PodState>> = BTreeMap::new();
     for (namespace, state) in results {
         match state {
             Some(s) => {
-                ok += 1;
+                reading.ok += 1;
                 by_namespace.entry(namespace).or_default().push(s);
             }
-            None => failed += 1,
+            None => {
+                reading.failed += 1;
+                reading.partial.insert(namespace.to_owned());
+            }
         }
     }
-    let mut out = HashMap::new();
     for (namespace, states) in by_namespace {
         for (name, live) in aggregate(&states) {
-            out.insert((namespace.to_owned(), name), live);
+            reading.state.insert((namespace.to_owned(), name), live);
         }
     }
-    (out, ok, failed)
+    reading
 }
 
 /// The latest live state per (namespace, Credential name).
@@ -180,9 +192,20 @@ impl LiveIndex {
             .cloned()
     }
 
-    /// Replaces the index; returns the keys whose state changed (appeared, moved or vanished).
-    pub fn replace(&self, next: HashMap<(String, String), LiveState>) -> Vec<(String, String)> {
+    /// Replaces the index with `next`, except that a Credential of a `partial` namespace that
+    /// `next` lacks keeps its last state (a pod that missed one poll must not blank it, and
+    /// write status twice). Returns the keys whose state changed (appeared, moved, vanished).
+    pub fn replace(
+        &self,
+        mut next: HashMap<(String, String), LiveState>,
+        partial: &BTreeSet<String>,
+    ) -> Vec<(String, String)> {
         let mut current = self.0.lock();
+        for (key, live) in current.iter() {
+            if partial.contains(&key.0) && !next.contains_key(key) {
+                next.insert(key.clone(), live.clone());
+            }
+        }
         let mut changed: Vec<(String, String)> = next
             .iter()
             .filter(|(k, v)| current.get(*k) != Some(*v))
@@ -246,14 +269,24 @@ mod tests {
             rpm_used: rpm,
             ..Default::default()
         };
+        let none = BTreeSet::new();
         assert_eq!(
-            index.replace(HashMap::from([(key.clone(), state(1))])),
+            index.replace(HashMap::from([(key.clone(), state(1))]), &none),
             std::slice::from_ref(&key)
         );
         assert!(index
-            .replace(HashMap::from([(key.clone(), state(1))]))
+            .replace(HashMap::from([(key.clone(), state(1))]), &none)
             .is_empty());
-        assert_eq!(index.replace(HashMap::new()), std::slice::from_ref(&key));
+        let partial = BTreeSet::from(["ai".to_owned()]);
+        assert!(
+            index.replace(HashMap::new(), &partial).is_empty(),
+            "a namespace with an unanswered pod keeps what it had"
+        );
+        assert_eq!(index.get("ai", "k1"), Some(state(1)));
+        assert_eq!(
+            index.replace(HashMap::new(), &none),
+            std::slice::from_ref(&key)
+        );
         assert_eq!(index.get("ai", "k1"), None);
     }
 }

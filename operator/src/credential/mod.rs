@@ -38,17 +38,16 @@ pub async fn reconcile(obj: Arc<Cred>, ctx: Arc<Context>) -> Result<Action> {
     let cred = match &obj.0 {
         Ok(cred) => cred,
         Err(invalid) => {
-            crate::malformed::record(
+            let error = &invalid.error;
+            return crate::malformed::handle(
                 &ctx,
-                &Api::<Cred>::namespaced(ctx.client.clone(), &namespace),
-                &obj,
+                obj.as_ref(),
                 "Credential",
-                &invalid.error,
+                error,
+                CONTROLLER,
+                started,
             )
-            .await?;
-            ctx.metrics
-                .reconciled(CONTROLLER, started.elapsed(), "user_error");
-            return Ok(Action::await_change());
+            .await;
         }
     };
 

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use airouter::config::RouterConfig;
+use airouter::config::{document_hash, RouterConfig};
 use airouter_crds::{router_pool::ServiceType, RouterPool};
 use k8s_openapi::{
     api::{
@@ -53,6 +53,27 @@ pub struct Desired {
     pub deployment: Deployment,
     pub service: Service,
     pub pdb: PodDisruptionBudget,
+}
+
+impl Desired {
+    /// The rendered document, as the config Secret holds it.
+    pub fn config_document(&self) -> &str {
+        let data = self
+            .config_secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(CONFIG_KEY));
+        data.and_then(|v| std::str::from_utf8(&v.0).ok())
+            .expect("desired_state puts the UTF-8 document in the config Secret")
+    }
+
+    /// Its hash, as the config Secret's annotation holds it.
+    pub fn config_hash(&self) -> &str {
+        let annotations = self.config_secret.metadata.annotations.as_ref();
+        annotations
+            .and_then(|a| a.get(HASH_ANNOTATION))
+            .expect("desired_state annotates the config Secret with the hash")
+    }
 }
 
 /// The pool has no name, namespace or uid (it was not read from the API server).
@@ -105,14 +126,15 @@ pub fn desired_state(
     let config_name = format!("{name}-config");
     let spec = &pool.spec;
 
+    let document = config.to_yaml();
     let config_secret = Secret {
         metadata: meta(
             config_name.clone(),
-            BTreeMap::from([(HASH_ANNOTATION.to_owned(), config.hash())]),
+            BTreeMap::from([(HASH_ANNOTATION.to_owned(), document_hash(&document))]),
         ),
         data: Some(BTreeMap::from([(
             CONFIG_KEY.to_owned(),
-            ByteString(config.to_yaml().into_bytes()),
+            ByteString(document.into_bytes()),
         )])),
         type_: Some("Opaque".into()),
         ..Default::default()
@@ -379,12 +401,17 @@ mod tests {
     #[test]
     fn the_config_secret_holds_the_rendered_document() {
         let (d, config) = desired(&pool());
-        let text = String::from_utf8(d.config_secret.data.unwrap()[CONFIG_KEY].0.clone()).unwrap();
+        let text =
+            String::from_utf8(d.config_secret.data.clone().unwrap()[CONFIG_KEY].0.clone()).unwrap();
         let parsed = RouterConfig::from_yaml(&text, &|_| None).unwrap().config;
         assert_eq!(parsed, config);
         assert_eq!(
-            d.config_secret.metadata.annotations.unwrap()[HASH_ANNOTATION],
+            d.config_secret.metadata.annotations.clone().unwrap()[HASH_ANNOTATION],
             config.hash()
+        );
+        assert_eq!(
+            (d.config_document(), d.config_hash()),
+            (text.as_str(), config.hash().as_str())
         );
     }
 

@@ -81,21 +81,20 @@ pub async fn reconcile(obj: Arc<Pool>, ctx: Arc<Context>) -> Result<Action> {
         .namespace()
         .ok_or(desired::MissingMetadata("namespace"))?;
     let name = obj.name_any();
-    let api: Api<RouterPool> = Api::namespaced(ctx.client.clone(), &namespace);
+    let api: Api<Pool> = Api::namespaced(ctx.client.clone(), &namespace);
     let pool = match &obj.0 {
         Ok(pool) => pool,
         Err(invalid) => {
-            crate::malformed::record(
+            let error = &invalid.error;
+            return crate::malformed::handle(
                 &ctx,
-                &Api::<Pool>::namespaced(ctx.client.clone(), &namespace),
-                &obj,
+                obj.as_ref(),
                 "RouterPool",
-                &invalid.error,
+                error,
+                CONTROLLER,
+                started,
             )
-            .await?;
-            ctx.metrics
-                .reconciled(CONTROLLER, started.elapsed(), "user_error");
-            return Ok(Action::await_change());
+            .await;
         }
     };
 
@@ -103,41 +102,35 @@ pub async fn reconcile(obj: Arc<Pool>, ctx: Arc<Context>) -> Result<Action> {
         let pods = ctx.pods.state();
         pods::targets(pods.iter().map(|p| p.as_ref()), &namespace, &name)
     };
-    let pushed = sync(&ctx, pool, &namespace, &ready_pods).await;
-    let (config, action, result) = match &pushed {
-        Ok(p) => {
-            let all = p.report.synced(&p.hash) == ready_pods.len();
-            let action = if all {
-                Action::requeue(ctx.settings.resync)
-            } else {
-                // A pod that missed the push is retried soon (it also reads the Secret).
-                Action::requeue(std::time::Duration::from_secs(5))
-            };
-            (
-                Ok(Synced {
-                    hash: &p.hash,
-                    primary: p.primary,
-                    fallback: p.fallback,
-                    skipped: &p.skipped,
-                    report: &p.report,
-                }),
-                action,
-                "ok",
-            )
-        }
-        Err(e) if e.is_user_error() => (
-            Err(Refused {
-                reason: e.reason(),
-                message: e.to_string(),
-            }),
-            Action::await_change(),
-            "user_error",
-        ),
-        Err(_) => {
+    let pushed = match sync(&ctx, pool, &namespace, &ready_pods).await {
+        Ok(pushed) => Ok(pushed),
+        Err(e) if e.is_user_error() => Err(Refused {
+            reason: e.reason(),
+            message: e.to_string(),
+        }),
+        Err(e) => {
             ctx.metrics
                 .reconciled(CONTROLLER, started.elapsed(), "error");
-            return Err(pushed.err().expect("matched Err"));
+            return Err(e);
         }
+    };
+    let (action, result) = match &pushed {
+        // A pod that missed the push is retried soon (it also reads the Secret).
+        Ok(p) if p.report.synced(&p.hash) < ready_pods.len() => {
+            (Action::requeue(std::time::Duration::from_secs(5)), "ok")
+        }
+        Ok(_) => (Action::requeue(ctx.settings.resync), "ok"),
+        Err(_) => (Action::await_change(), "user_error"),
+    };
+    let config = match &pushed {
+        Ok(p) => Ok(Synced {
+            hash: &p.hash,
+            primary: p.primary,
+            fallback: p.fallback,
+            skipped: &p.skipped,
+            report: &p.report,
+        }),
+        Err(refused) => Err(refused.clone()),
     };
     let observed = Observed {
         ready_replicas: ready_pods.len() as i32,
@@ -170,8 +163,7 @@ async fn sync(
     let config = render::render_config(&pool.spec, &resolution.resolved)?;
     let desired = desired::desired_state(pool, &config, &ctx.settings.defaults)?;
     apply::apply(&ctx.client, namespace, &desired).await?;
-    let hash = config.hash();
-    let document = config.to_yaml();
+    let (document, hash) = (desired.config_document(), desired.config_hash().to_owned());
     let token = resolution.resolved.admin_token;
     ctx.admin_tokens.lock().insert(
         kube::runtime::reflector::ObjectRef::new(&pool.name_any()).within(namespace),
@@ -182,7 +174,7 @@ async fn sync(
     let report = push::push(
         &ctx.push_client,
         ready_pods,
-        &document,
+        document,
         &token,
         ctx.settings.push_timeout,
     )

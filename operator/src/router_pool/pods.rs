@@ -35,26 +35,6 @@ pub fn is_ready(pod: &Pod) -> bool {
             .any(|c| c.type_ == "Ready" && c.status == "True")
 }
 
-/// What about a pod matters to the pool controller: a change of it is worth a reconcile.
-pub fn readiness_key(pod: &Pod) -> Option<u64> {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    is_ready(pod).hash(&mut h);
-    pod.status
-        .as_ref()
-        .and_then(|s| s.pod_ip.as_ref())
-        .hash(&mut h);
-    // A restarted container re-reads its mounted config: its Ready transition shows it.
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
-        .and_then(|c| c.last_transition_time.as_ref())
-        .map(|t| t.0.to_string())
-        .hash(&mut h);
-    Some(h.finish())
-}
-
 /// The ready pods of `pool` in `namespace`, sorted by name, as push targets.
 pub fn targets<'a>(
     pods: impl IntoIterator<Item = &'a Pod>,
@@ -128,20 +108,5 @@ mod tests {
             ]
         );
         assert!(targets(&pods, "elsewhere", "main").is_empty());
-    }
-
-    #[test]
-    fn the_readiness_key_follows_readiness_and_ip() {
-        let a = pod("a", "main", "True", Some("10.0.0.1"));
-        assert_eq!(readiness_key(&a), readiness_key(&a.clone()));
-        assert_ne!(
-            readiness_key(&a),
-            readiness_key(&pod("a", "main", "False", Some("10.0.0.1")))
-        );
-        assert_ne!(
-            readiness_key(&a),
-            readiness_key(&pod("a", "main", "True", Some("10.0.0.9")))
-        );
-        assert_eq!(pool_of(&a), Some("main"));
     }
 }

@@ -36,7 +36,7 @@ pub struct Synced<'a> {
 
 /// The spec (or something it references) cannot be turned into a config: a user error. The
 /// pods keep the config they have.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Refused {
     pub reason: &'static str,
     pub message: String,
