@@ -5,10 +5,17 @@
 //! by swapping a `..data` symlink: the file's own inode never changes, but its directory sees
 //! the swap. Events are debounced; only a change of the file's content is applied, and an
 //! unchanged document (same hash) is a no-op. SIGHUP always re-applies the file.
+//!
+//! Access events are ignored (but for the close of a write): inotify reports opening a file
+//! as an event of its directory, so reacting to them would make every re-read of the file
+//! trigger the next one.
 
 use std::{sync::Arc, time::Duration};
 
-use notify::{RecursiveMode, Watcher};
+use notify::{
+    event::{AccessKind, AccessMode},
+    EventKind, RecursiveMode, Watcher,
+};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -16,6 +23,17 @@ use crate::app::App;
 
 /// Events closer together than this are one change (editors write in several steps).
 const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// Whether an event in the config directory can have changed what the config path reads:
+/// anything but an access, except the close of a file opened for writing (the end of an
+/// in-place write).
+fn may_change_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
 
 /// Starts the SIGHUP handler and the file watcher. The returned watcher must be kept alive.
 pub fn spawn(app: Arc<App>) -> Option<notify::RecommendedWatcher> {
@@ -47,7 +65,7 @@ pub fn spawn(app: Arc<App>) -> Option<notify::RecommendedWatcher> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut watcher = match notify::recommended_watcher(
         move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
+            if event.is_ok_and(|e| may_change_content(&e.kind)) {
                 let _ = tx.send(());
             }
         },
@@ -83,4 +101,34 @@ pub fn spawn(app: Arc<App>) -> Option<notify::RecommendedWatcher> {
         }
     });
     Some(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::event::{CreateKind, DataChange, ModifyKind, RemoveKind, RenameMode};
+
+    use super::*;
+
+    #[test]
+    fn accesses_are_not_changes() {
+        for kind in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Access(AccessKind::Any),
+        ] {
+            assert!(!may_change_content(&kind), "{kind:?}");
+        }
+        for kind in [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Remove(RemoveKind::File),
+            EventKind::Any,
+            EventKind::Other,
+        ] {
+            assert!(may_change_content(&kind), "{kind:?}");
+        }
+    }
 }

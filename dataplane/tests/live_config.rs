@@ -653,3 +653,53 @@ async fn sighup_rereads_the_config_file() {
     assert_eq!(x.count(), 2);
     assert_eq!(y.count(), 2);
 }
+
+// ---------------------------------------------------------------------------
+// (6) An idle router leaves its config file alone
+// ---------------------------------------------------------------------------
+
+/// Opening a file is an inotify event of its directory; a watcher that reacted to it
+/// re-read the config every debounce period (150 ms) forever, waking an idle router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_router_does_not_keep_reading_its_config_file() {
+    use notify::{
+        event::{AccessKind, AccessMode},
+        EventKind, RecursiveMode, Watcher,
+    };
+    let x = MockUpstream::start().await;
+    let yaml = admin_server_yaml(0, &[])
+        + &creds_yaml(&[cred("c1", "openai", "sk-c1", &x.url(), &[])])
+        + "models:\n  - {name: gpt-4o}\n";
+    let router = Router::start(&yaml).await;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+        if let Ok(e) = e {
+            if e.kind == EventKind::Access(AccessKind::Open(AccessMode::Any)) {
+                let _ = tx.send(());
+            }
+        }
+    })
+    .expect("inotify watcher");
+    watcher
+        .watch(&router.config_path, RecursiveMode::NonRecursive)
+        .expect("watch the config file");
+    // Six debounce periods: a watcher feeding on its own reads opens the file ~6 times.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(router.chat_status("gpt-4o").await, 200);
+    assert_eq!(
+        rx.try_iter().count(),
+        0,
+        "the router re-opened its config file while nothing changed"
+    );
+
+    // It still follows a real change of the file.
+    let h1 = router.config_hash().await;
+    let v2 = admin_server_yaml(0, &[])
+        + &creds_yaml(&[cred("c2", "openai", "sk-c2", &x.url(), &[])])
+        + "models:\n  - {name: gpt-4o}\n";
+    replace_file(&router.config_path, &router.fill(&v2));
+    router
+        .wait_hash(RELOAD_DEADLINE, |h| h != h1)
+        .await
+        .unwrap_or_else(|| panic!("file change not applied; logs:\n{}", router.logs()));
+}
