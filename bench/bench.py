@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -32,6 +33,11 @@ GO_ROUTER_NOTE = ""  # why the Go router is not measured, when it is not
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 DURATION = os.environ.get("BENCH_DURATION", "8s")
 LOADGEN_CPU, SUT_CPU = "0", "1"
+# Smaller counts and another output directory make a smoke run (tests/run.sh does one).
+OUT = pathlib.Path(os.environ.get("BENCH_OUT") or ROOT / "bench")
+LAT_REQUESTS = int(os.environ.get("BENCH_LAT_REQUESTS", "5000"))
+STREAMS = int(os.environ.get("BENCH_STREAMS", "1500"))
+OPEN_STREAMS = int(os.environ.get("BENCH_OPEN_STREAMS", "5000"))
 KEY = "bench"
 BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
 TMP = pathlib.Path(tempfile.mkdtemp(prefix="airouter-bench-"))
@@ -118,7 +124,7 @@ def stream_probe(url: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def hold_streams(base: str, target: subprocess.Popen, count: int = 5000) -> dict:
+def hold_streams(base: str, target: subprocess.Popen, count: int = OPEN_STREAMS) -> dict:
     """Opens `count` streams through `target` and holds them: peak RSS and CPU while open."""
     pid = child_pid(target)
     probe = subprocess.Popen(
@@ -291,6 +297,33 @@ class Stack:
                 stop(p)
 
 
+def check(r: dict) -> list[str]:
+    """What makes a results document unusable: a target or scenario with no figure, a figure
+    that is not a positive number, or a stream that did not complete."""
+    problems = []
+    must = ("direct (mock)", "bare hyper pass-through", "airouter")
+    def positive(what: str, xs) -> None:
+        if not xs or not all(isinstance(x, (int, float)) and x > 0 for x in xs):
+            problems.append(f"{what}: {xs!r}")
+    for n in must:
+        positive(f"latency_c1_us[{n}].p50", r["latency_c1_us"].get(n, {}).get("p50"))
+        positive(f"latency_c1_us[{n}].p99", r["latency_c1_us"].get(n, {}).get("p99"))
+        positive(f"rps_c64[{n}]", r["rps_c64"].get(n))
+        positive(f"fixed_rate[{n}]", r["fixed_rate"]["p99_us"].get(n))
+        for k in ("ttfc_p50", "ttfc_p99", "gap_p50", "gap_p99"):
+            positive(f"streaming_us[{n}].{k}", r["streaming_us"].get(n, {}).get(k))
+    positive("idle_rss_kb", [r.get("idle_rss_kb")])
+    for key in ("open_streams", "open_streams_passthrough"):
+        runs = r.get(key) or []
+        if not runs:
+            problems.append(f"{key}: no runs")
+        for i, h in enumerate(runs, 1):
+            if not h["opened"] == h["completed"] == OPEN_STREAMS:
+                problems.append(f"{key} run {i}: opened {h['opened']}, completed {h['completed']} of {OPEN_STREAMS}")
+            positive(f"{key} run {i} rss_kb", [h["rss_kb"]])
+    return problems
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -318,7 +351,7 @@ def main() -> int:
         lat = {n: {"p50": [], "p99": []} for n in names}
         for _ in range(RUNS):
             for n in names:
-                count = "500" if n == "LiteLLM proxy" else "5000"
+                count = str(LAT_REQUESTS // 10 if n == "LiteLLM proxy" else LAT_REQUESTS)
                 d = oha(url[n], "-n", count, "-c", "1")
                 lat[n]["p50"].append(d["latencyPercentiles"]["p50"] * 1e6)
                 lat[n]["p99"].append(d["latencyPercentiles"]["p99"] * 1e6)
@@ -354,7 +387,8 @@ def main() -> int:
         sl = {n: {"ttfc_p50": [], "ttfc_p99": [], "gap_p50": [], "gap_p99": []} for n in stack.targets}
         for _ in range(RUNS):
             for n, (base, _) in stack.targets.items():
-                d = stream_probe(base + "/v1/chat/completions", "latency", "--streams", "1500", "--concurrency", "4")
+                d = stream_probe(base + "/v1/chat/completions", "latency", "--streams", str(STREAMS),
+                                 "--concurrency", "4")
                 if n == GO_NAME and d["errors"]:
                     results.setdefault("go_stream_errors", []).append(d["errors"])
                 assert n == GO_NAME or d["errors"] == 0, d
@@ -365,7 +399,7 @@ def main() -> int:
         results["streaming_us"] = sl
         stack.close()
 
-        # (5) 5,000 concurrent open streams (20 chunks 500 ms apart: ~10 s each), airouter and the
+        # (5) OPEN_STREAMS (5,000) concurrent open streams (20 chunks 500 ms apart: ~10 s each), airouter and the
         # bare pass-through (the physical limit of a hyper proxy) alternately.
         stack = Stack(["--chunks", "20", "--chunk-interval-ms", "500"], with_litellm=False, with_go=False)
         held, held_pt = [], []
@@ -381,9 +415,18 @@ def main() -> int:
     # GO_ROUTER_PROVENANCE: where a prebuilt GO_ROUTER_BIN came from, said in RESULTS.md.
     results["go_router"] = {"binary": GO_ROUTER, "note": GO_ROUTER_NOTE,
                             "provenance": os.environ.get("GO_ROUTER_PROVENANCE", "")}
-    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2))
+    results["counts"] = {"latency_requests": LAT_REQUESTS, "streams": STREAMS, "open_streams": OPEN_STREAMS}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps(results, indent=2))
     write_markdown(results)
-    print((ROOT / "bench" / "RESULTS.md").read_text())
+    print((OUT / "RESULTS.md").read_text())
+    problems = check(results)
+    for p in problems:
+        print(f"bench: unusable result: {p}", file=sys.stderr)
+    if problems:
+        print(f"bench: process logs kept in {TMP}", file=sys.stderr)
+        return 1
+    shutil.rmtree(TMP, ignore_errors=True)
     return 0
 
 
@@ -491,7 +534,8 @@ def write_markdown(r: dict) -> None:
     peak_mb = med([h["rss_kb"] for h in held]) / 1024
     held_pt = r.get("open_streams_passthrough") or []
     pt_peak = f"{med([h['rss_kb'] for h in held_pt]) / 1024:.1f} MB" if held_pt else ""
-    row("RSS with 5,000 open streams", f"{peak_mb:.1f} MB", pt_peak, "≤ 100 MB", peak_mb <= 100)
+    counts = r.get("counts") or {"streams": 1500, "open_streams": 5000}
+    row(f"RSS with {counts['open_streams']:,} open streams", f"{peak_mb:.1f} MB", pt_peak, "≤ 100 MB", peak_mb <= 100)
     gr = r.get("go_router") or {}
     if go_rps:
         s.append(f"\nGo Auto AI Router: `{gr.get('binary')}` (from `GO_ROUTER_BIN` or `tests/tools/go-router.sh`), same "
@@ -513,7 +557,7 @@ def write_markdown(r: dict) -> None:
     s.append("| target | p99 | spread |\n|---|---|---|")
     for n, v in fixed["p99_us"].items():
         s.append(f"| {n} | {us(med(v))} | {spread(v)} |")
-    s.append("\n## (4) Streaming: 20 chunks 2 ms apart, 1,500 streams, 4 at a time\n")
+    s.append(f"\n## (4) Streaming: 20 chunks 2 ms apart, {counts['streams']:,} streams, 4 at a time\n")
     s.append("| target | first chunk p50 | first chunk p99 | gap p50 | gap p99 |\n|---|---|---|---|---|")
     for n, v in sl.items():
         s.append(f"| {n} | {us(med(v['ttfc_p50']))} | {us(med(v['ttfc_p99']))} | {us(med(v['gap_p50']))} | {us(med(v['gap_p99']))} |")
@@ -521,7 +565,7 @@ def write_markdown(r: dict) -> None:
     s.append(f"\nairouter adds {us(med(sl[ar]['ttfc_p50']) - med(base['ttfc_p50']))} (p50) / "
              f"{us(t99)} (p99) to the first chunk and {us(med(sl['airouter']['gap_p99']) - med(base['gap_p99']))} "
              "to the p99 inter-chunk gap.\n")
-    s.append("## (5) 5,000 concurrent open streams\n")
+    s.append(f"## (5) {counts['open_streams']:,} concurrent open streams\n")
     s.append("Rounds alternate between the two targets; each target is one process through all its rounds.\n")
     s.append("| target | run | opened | completed | peak RSS | CPU while open |\n|---|---|---|---|---|---|")
     for name, runs in ((ar, held), (pt, held_pt)):
@@ -536,7 +580,7 @@ def write_markdown(r: dict) -> None:
     notes = ROOT / "bench" / "NOTES.md"
     if notes.exists():
         s.append(notes.read_text())
-    (ROOT / "bench" / "RESULTS.md").write_text("\n".join(s) + "\n")
+    (OUT / "RESULTS.md").write_text("\n".join(s) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,20 @@ OHA_VERSION=1.16.0
 LITELLM_VERSION="${LITELLM_VERSION:-1.108.7}"
 
 command -v taskset >/dev/null || { echo "taskset (util-linux) is required" >&2; exit 1; }
-echo "== building release binaries"
-cargo build --release -p airouter -p airouter-bench
+if [ -n "${BENCH_SMOKE:-}" ]; then
+    # BENCH_SMOKE=1: a check that every scenario still runs (tests/run.sh does one): debug
+    # binaries, tiny counts, no peers, results written to BENCH_OUT (a temporary directory)
+    # instead of bench/. Its figures mean nothing.
+    echo "== smoke run: debug binaries, tiny counts"
+    cargo build -p airouter -p airouter-bench
+    export BENCH_BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/debug" BENCH_RUNS=1 BENCH_DURATION=1s \
+        BENCH_LAT_REQUESTS=200 BENCH_STREAMS=40 BENCH_OPEN_STREAMS=200 BENCH_NO_LITELLM=1 BENCH_NO_GO=1
+    BENCH_OUT="${BENCH_OUT:-$(mktemp -d)}"
+    export BENCH_OUT
+else
+    echo "== building release binaries"
+    cargo build --release -p airouter -p airouter-bench
+fi
 
 OHA="$CACHE/tools/oha-$OHA_VERSION/bin/oha"
 if [ ! -x "$OHA" ]; then

@@ -79,6 +79,24 @@ section "Python SDK tests (pytest)"
 export PYTHONDONTWRITEBYTECODE=1
 AIROUTER_BIN="${CARGO_TARGET_DIR:-target}/debug/airouter" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/sdk
 
+section "Benchmark smoke: every scenario of bench/run.sh with tiny counts (figures discarded)"
+# Keeps the benchmark suite runnable: it drives airouter and the bare pass-through with oha
+# (installed into ~/.cache/airouter by version) and fails on any non-200 answer, unfinished
+# stream or missing figure. The real run is `bash bench/run.sh` on a quiet machine.
+command -v taskset >/dev/null 2>&1 || {
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq util-linux >/dev/null
+    fi
+}
+SMOKE_OUT="$(mktemp -d)"
+if ! BENCH_SMOKE=1 BENCH_OUT="$SMOKE_OUT" bash bench/run.sh >"$SMOKE_OUT/log" 2>&1; then
+    tail -n 60 "$SMOKE_OUT/log"
+    echo "error: the benchmark smoke run failed (full log: $SMOKE_OUT/log)" >&2
+    exit 1
+fi
+awk '/^## Targets/ { t = 1 } t && /^\|/ { print; p = 1; next } p { exit }' "$SMOKE_OUT/RESULTS.md"
+rm -rf "$SMOKE_OUT"
+
 section "Kubernetes control plane binaries (kube-apiserver, etcd, kubectl, helm; cached by version)"
 # tool:Debian package. unshare and mount give each stand-in pod its own /etc/hosts (tests/e2e).
 for pair in openssl:openssl curl:curl unshare:util-linux mount:mount; do
