@@ -409,6 +409,9 @@ def main() -> int:
         results["open_streams"] = held
         results["open_streams_passthrough"] = held_pt
         stack.close()
+    except BaseException:
+        print(f"bench: process logs kept in {TMP}", file=sys.stderr)
+        raise
     finally:
         stop_all()
 

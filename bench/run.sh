@@ -23,6 +23,7 @@ if [ -n "${BENCH_SMOKE:-}" ]; then
         BENCH_LAT_REQUESTS=200 BENCH_STREAMS=40 BENCH_OPEN_STREAMS=200 BENCH_NO_LITELLM=1 BENCH_NO_GO=1
     BENCH_OUT="${BENCH_OUT:-$(mktemp -d)}"
     export BENCH_OUT
+    echo "== results go to $BENCH_OUT"
 else
     echo "== building release binaries"
     cargo build --release -p airouter -p airouter-bench

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The project's test command: build, format check, lints, Rust tests, then the
-# Python SDK compatibility tests in a cached virtualenv.
+# The project's test command: build, format check, lints, Rust tests, the Python SDK
+# compatibility tests in a cached virtualenv, a benchmark smoke run, then the end-to-end
+# suite against a real kube-apiserver and etcd.
 #
 #   bash tests/run.sh
 #
-# Needs: cargo (rustup, with rustfmt and clippy) and python3.
+# Needs: cargo (rustup, with rustfmt and clippy), python3 and go; Debian packages it lacks
+# are installed with apt-get when run as root.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,6 +14,19 @@ cd "$ROOT"
 
 section() {
     printf '\n==== %s ====\n' "$*"
+}
+
+# need TOOL PACKAGE: installs Debian's PACKAGE when TOOL is missing (as root), else fails
+# naming both.
+need() {
+    command -v "$1" >/dev/null 2>&1 && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing Debian's $2 (for $1)"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+    else
+        echo "error: $1 is missing; install the Debian package $2" >&2
+        exit 1
+    fi
 }
 
 section "cargo build --workspace --all-targets"
@@ -63,17 +78,8 @@ else
 fi
 
 section "Chromium (renders the /vhealth dashboard in tests/sdk)"
-if command -v chromium >/dev/null 2>&1; then
-    chromium --version 2>/dev/null || true
-elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing Debian's chromium"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-    chromium --version 2>/dev/null || true
-else
-    echo "error: chromium is missing; install Debian's chromium package" >&2
-    exit 1
-fi
+need chromium chromium
+chromium --version 2>/dev/null || true
 
 section "Python SDK tests (pytest)"
 export PYTHONDONTWRITEBYTECODE=1
@@ -83,11 +89,7 @@ section "Benchmark smoke: every scenario of bench/run.sh with tiny counts (figur
 # Keeps the benchmark suite runnable: it drives airouter and the bare pass-through with oha
 # (installed into ~/.cache/airouter by version) and fails on any non-200 answer, unfinished
 # stream or missing figure. The real run is `bash bench/run.sh` on a quiet machine.
-command -v taskset >/dev/null 2>&1 || {
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq util-linux >/dev/null
-    fi
-}
+need taskset util-linux
 SMOKE_OUT="$(mktemp -d)"
 if ! BENCH_SMOKE=1 BENCH_OUT="$SMOKE_OUT" bash bench/run.sh >"$SMOKE_OUT/log" 2>&1; then
     tail -n 60 "$SMOKE_OUT/log"
@@ -98,17 +100,11 @@ awk '/^## Targets/ { t = 1 } t && /^\|/ { print; p = 1; next } p { exit }' "$SMO
 rm -rf "$SMOKE_OUT"
 
 section "Kubernetes control plane binaries (kube-apiserver, etcd, kubectl, helm; cached by version)"
-# tool:Debian package. unshare and mount give each stand-in pod its own /etc/hosts (tests/e2e).
-for pair in openssl:openssl curl:curl unshare:util-linux mount:mount; do
-    tool="${pair%%:*}"; package="${pair#*:}"
-    if ! command -v "$tool" >/dev/null 2>&1; then
-        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null
-        else
-            echo "error: $tool (Debian package $package) is missing" >&2; exit 1
-        fi
-    fi
-done
+# unshare and mount give each stand-in pod its own /etc/hosts (tests/e2e).
+need openssl openssl
+need curl curl
+need unshare util-linux
+need mount mount
 bash tests/tools/k8s-binaries.sh
 
 section "End-to-end: CRDs and the operator against a real kube-apiserver, with stand-in pods (pytest)"

@@ -92,10 +92,10 @@ fn exhausted_message(reason: ExhaustedReason, model: &str) -> String {
         ExhaustedReason::RateLimited => "every credential is at its rate limit",
         ExhaustedReason::Banned => "every credential is temporarily banned after upstream errors",
         ExhaustedReason::RemoteUnavailable => {
-            "every remote router reported it unavailable at its last health sync"
+            "every proxy credential's remote router reported the model unavailable at its last health sync; retry after Retry-After or check the remote routers' /health"
         }
         ExhaustedReason::Unavailable => {
-            "every credential is rate-limited, banned or already failed"
+            "every credential is rate-limited, banned, reported unavailable by its remote router, or failed for this request"
         }
     };
     format!("No credentials available for model {model:?}: {why}")

@@ -1,4 +1,4 @@
-//! Byte-level helpers for the request path: substring search (`memchr`), and a strict
+//! Byte-level helpers for request bodies, response bodies and stream events: substring search (`memchr`), and a strict
 //! scanner that finds the values of a few top-level keys of a JSON object without building
 //! anything.
 //!
@@ -289,8 +289,8 @@ pub fn top_level<'a, const N: usize>(
     (skip_ws(json, end) == json.len()).then_some(found)
 }
 
-/// A raw value that is an unsigned integer literal (no sign, fraction or exponent) that
-/// fits in a `u64`.
+/// A raw value that is an unsigned integer literal (no sign, fraction or exponent) of at
+/// most 19 digits (every token count; longer ones go to serde, which gives the same answer).
 pub fn plain_u64(raw: &[u8]) -> Option<u64> {
     if raw.is_empty() || raw.len() > 19 || !raw.iter().all(u8::is_ascii_digit) {
         return None;

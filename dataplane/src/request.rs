@@ -85,10 +85,7 @@ impl<'a> Probe<'a> {
         };
         let stream = utf8(stream)?;
         let stream_options = utf8(stream_options)?;
-        let include_usage = stream_options
-            .and_then(|o| serde_json::from_str::<StreamOptions>(o).ok())
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
+        let include_usage = include_usage(stream_options);
         Some(Some(Probe {
             model: Cow::Borrowed(model.filter(|m| !m.is_empty())?),
             stream: stream == Some("true"),
@@ -100,11 +97,7 @@ impl<'a> Probe<'a> {
 
     fn read_serde(body: &'a [u8]) -> Option<Probe<'a>> {
         let raw: RawProbe<'a> = serde_json::from_slice(body).ok()?;
-        let include_usage = raw
-            .stream_options
-            .and_then(|o| serde_json::from_str::<StreamOptions>(o.get()).ok())
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
+        let include_usage = include_usage(raw.stream_options.map(|o| o.get()));
         Some(Probe {
             model: raw.model.filter(|m| !m.is_empty())?,
             stream: raw.stream.is_some_and(|s| s.get() == "true"),
@@ -113,6 +106,15 @@ impl<'a> Probe<'a> {
             has_stream_options: raw.stream_options.is_some(),
         })
     }
+}
+
+/// `stream_options.include_usage` of a raw `stream_options` value (false when absent or not
+/// an object serde reads).
+fn include_usage(stream_options: Option<&str>) -> bool {
+    stream_options
+        .and_then(|o| serde_json::from_str::<StreamOptions>(o).ok())
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false)
 }
 
 /// The body to send upstream and whether the router asked for a usage chunk the client did

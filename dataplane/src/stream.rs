@@ -1,8 +1,9 @@
 //! Streaming responses: bytes flow to the client as they arrive; usage is counted on the way.
 //!
 //! [`UsageTap`] wraps an upstream SSE body. In pass-through mode (the client asked for usage,
-//! or the body is not SSE) every chunk is forwarded untouched the moment it arrives and a copy
-//! is scanned. In strip mode (the router asked for the usage chunk, the client did not) events
+//! or the body is not SSE) every chunk is forwarded untouched the moment it arrives and is
+//! scanned where it lies (only an unfinished last event is copied, to be read whole with the
+//! next chunk). In strip mode (the router asked for the usage chunk, the client did not) events
 //! are forwarded as soon as they are complete, except the usage-only event. When the body ends
 //! or is dropped (client gone), the tokens seen are charged once. Dropping the tap drops the
 //! upstream body, which closes the upstream connection: a client disconnect cancels the
@@ -187,6 +188,15 @@ struct EventInfo {
 
 const USAGE_KEY: &[u8] = b"\"usage\"";
 
+/// Where the [`USAGE_KEY`] that has its `g` at `g` starts, if `buf` has one there. The
+/// frame scanners stop at every `g` (one `memchr` pass with the other bytes they look for)
+/// instead of searching for the key separately.
+#[inline(always)]
+fn usage_key_through(buf: &[u8], g: usize) -> Option<usize> {
+    let start = g.checked_sub(4)?;
+    (buf.get(start..g + 3)? == USAGE_KEY).then_some(start)
+}
+
 /// Every `"usage"` in `event` (from `first` on) is followed by `: null`. Then no line of it
 /// can report tokens — neither a top-level `usage` nor `response.usage` — unless a key is
 /// spelled with a `\u` escape, which the caller rules out. (OpenAI sends `"usage":null` in
@@ -220,15 +230,11 @@ fn usage_always_null(event: &[u8], first: usize) -> bool {
     }
 }
 
+/// The tokens `event` reports. [`scan_frame`] calls it only for events [`next_event`] found
+/// could report any (a `"usage"` not always `null`, or a `\u` escape), so it does not repeat
+/// that pre-check; on any other event it finds nothing, just more slowly.
 fn inspect_event(event: &[u8]) -> EventInfo {
     let mut info = EventInfo::default();
-    // Cheap pre-checks: most chunks carry no usage, or `"usage":null`.
-    let Some(first) = crate::json::find(event, USAGE_KEY) else {
-        return info;
-    };
-    if usage_always_null(event, first) && !crate::json::contains(event, b"\\u") {
-        return info;
-    }
     for line in event.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let Some(data) = line.strip_prefix(b"data:") else {
@@ -281,12 +287,8 @@ fn next_event(buf: &[u8]) -> Option<(usize, bool)> {
                 *line_start = i + 1;
             }
             b'g' => {
-                if first_usage.is_none()
-                    && i >= 4
-                    && &buf[i - 4..i] == b"\"usa"
-                    && buf.get(i + 1..i + 3) == Some(b"e\"")
-                {
-                    first_usage = Some(i - 4);
+                if first_usage.is_none() {
+                    first_usage = usage_key_through(buf, i);
                 }
             }
             _ => unicode_escape |= buf.get(i + 1) == Some(&b'u'),
@@ -318,7 +320,7 @@ pin_project_lite::pin_project! {
         strip: bool,
         // False for streams that are not SSE: bytes pass untouched and unscanned.
         scan: bool,
-        // Strip mode: bytes of the event not yet complete. Pass mode: a copy for scanning.
+        // The unfinished last event seen (both modes); strip mode forwards it once complete.
         pending: BytesMut,
         tokens: TokenUsage,
         on_done: Option<OnDone>,
@@ -363,18 +365,15 @@ fn ends_events(data: &[u8]) -> bool {
 }
 
 /// Whether some event of `data` could report usage: it has a `"usage"` not followed by
-/// `: null`, or a `\u` escape (a key could spell `usage` with one). One pass for `g` and `\\`.
+/// `: null`, or a `\u` escape anywhere (the cheap, conservative answer: a key could spell
+/// `usage` with one). One pass for `g` and `\\`.
 fn may_report_usage(data: &[u8]) -> bool {
     let mut first_usage = None;
     let mut check = |k: usize| -> bool {
         match data[k] {
             b'g' => {
-                if first_usage.is_none()
-                    && k >= 4
-                    && &data[k - 4..k] == b"\"usa"
-                    && data.get(k + 1..k + 3) == Some(b"e\"")
-                {
-                    first_usage = Some(k - 4);
+                if first_usage.is_none() {
+                    first_usage = usage_key_through(data, k);
                 }
                 false
             }

@@ -8,8 +8,9 @@
 //!   from the data plane's `/admin/state`.
 //! - [`triggers`]: which watch events reach which objects; [`controller`]: the wiring;
 //!   [`leader`]: Lease-based leader election; [`metrics`]: Prometheus metrics and probes.
-//! - [`status_patch`]: the one status writer (only on change); [`malformed`]: what an object
-//!   the current schema cannot read gets instead of a reconcile.
+//! - [`status_patch`]: the status writer of readable objects (only on change); [`malformed`]:
+//!   what an object the current schema cannot read gets instead of a reconcile (its own merge
+//!   patch, written each time the object changes).
 
 pub mod context;
 pub mod controller;

@@ -114,9 +114,20 @@ fn main() -> ExitCode {
 }
 
 fn parse_resources(text: &str) -> Result<ResourceRequirements, String> {
-    serde_json::from_str(text).map_err(|e| {
-        format!("not a resources object such as {{\"requests\":{{\"cpu\":\"100m\"}}}}: {e}")
-    })
+    const EXAMPLE: &str = r#"{"requests":{"cpu":"100m"}}"#;
+    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+        .map_err(|e| format!("not a resources object such as {EXAMPLE}: {e}"))?;
+    // The typed read ignores unknown keys: a misspelt `request` would silently mean none.
+    if let Some(key) = object
+        .keys()
+        .find(|k| !matches!(k.as_str(), "limits" | "requests" | "claims"))
+    {
+        return Err(format!(
+            "unknown key {key:?}: a resources object has `limits`, `requests` and `claims`, e.g. {EXAMPLE}"
+        ));
+    }
+    serde_json::from_value(serde_json::Value::Object(object))
+        .map_err(|e| format!("not a resources object such as {EXAMPLE}: {e}"))
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -254,5 +265,21 @@ async fn shutdown_signal() {
             warn!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_resources;
+
+    #[test]
+    fn dataplane_resources_refuse_unknown_keys_and_bad_json() {
+        let ok = parse_resources(r#"{"requests":{"cpu":"100m"},"limits":{"memory":"512Mi"}}"#)
+            .expect("valid resources");
+        assert_eq!(ok.requests.expect("requests")["cpu"].0, "100m");
+        let typo = parse_resources(r#"{"request":{"cpu":"100m"}}"#).unwrap_err();
+        assert!(typo.contains(r#"unknown key "request""#), "{typo}");
+        let bad = parse_resources("cpu=100m").unwrap_err();
+        assert!(bad.starts_with("not a resources object"), "{bad}");
     }
 }

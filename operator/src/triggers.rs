@@ -75,7 +75,7 @@ pub fn pod_readiness(pod: &Pod) -> Option<u64> {
         .and_then(|s| s.conditions.as_ref())
         .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
         .and_then(|c| c.last_transition_time.as_ref())
-        .map(|t| t.0.to_string());
+        .map(|t| t.0);
     hash_of((
         pods::is_ready(pod),
         status.and_then(|s| s.pod_ip.as_ref()),

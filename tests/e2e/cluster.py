@@ -130,7 +130,7 @@ class Operator:
 
     def __init__(self, cp: ControlPlane, log_dir: pathlib.Path, name: str, lease_namespace: str,
                  extra: list[str] | None = None, args: list[str] | None = None,
-                 kubeconfig: pathlib.Path | None = None, wait_ready: bool = True):
+                 kubeconfig: pathlib.Path | None = None):
         """Runs the operator with the test defaults, or with exactly `args` (the chart's, say)
         plus a local metrics port; `kubeconfig` selects whose credentials it uses."""
         self.metrics_port = free_port()
@@ -148,9 +148,9 @@ class Operator:
         if kubeconfig:
             env["KUBECONFIG"] = str(kubeconfig)
         self.proc = subprocess.Popen([str(OPERATOR), *args], stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        if wait_ready:
-            wait_for(f"operator {name} /readyz (or its exit)",
-                     lambda: self.proc.poll() is not None or self.get("/readyz")[0] == 200, timeout=30)
+        # An exit is an answer too: the RBAC test runs operators that lack a permission.
+        wait_for(f"operator {name} /readyz (or its exit)",
+                 lambda: self.proc.poll() is not None or self.get("/readyz")[0] == 200, timeout=30)
 
     def get(self, path: str):
         try:

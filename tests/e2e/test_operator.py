@@ -34,6 +34,7 @@ class Env:
     def start_operator(self, name: str, extra: list[str] | None = None) -> Operator:
         op = Operator(self.cp, self.work, name, LEASE_NS, extra)
         self.operators.append(op)
+        assert op.proc.poll() is None, f"operator {name} exited at start:\n{op.log_path.read_text()[-3000:]}"
         return op
 
     def stop(self):

@@ -38,12 +38,11 @@ pub async fn reconcile(obj: Arc<Cred>, ctx: Arc<Context>) -> Result<Action> {
     let cred = match &obj.0 {
         Ok(cred) => cred,
         Err(invalid) => {
-            let error = &invalid.error;
             return crate::malformed::handle(
                 &ctx,
                 obj.as_ref(),
                 "Credential",
-                error,
+                &invalid.error,
                 CONTROLLER,
                 started,
             )

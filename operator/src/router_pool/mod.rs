@@ -85,12 +85,11 @@ pub async fn reconcile(obj: Arc<Pool>, ctx: Arc<Context>) -> Result<Action> {
     let pool = match &obj.0 {
         Ok(pool) => pool,
         Err(invalid) => {
-            let error = &invalid.error;
             return crate::malformed::handle(
                 &ctx,
                 obj.as_ref(),
                 "RouterPool",
-                error,
+                &invalid.error,
                 CONTROLLER,
                 started,
             )

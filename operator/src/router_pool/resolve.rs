@@ -159,7 +159,7 @@ pub fn resolve_credential(
                 reason: "RouterPoolNotFound",
                 message: format!(
                     "spec.proxy.routerPoolRef: RouterPool {target} cannot be read: {}",
-                    e.error
+                    crate::malformed::describe("RouterPool", &e.error)
                 ),
             })?;
             let master_key = secrets
@@ -272,7 +272,10 @@ pub async fn resolve(
                 cred.name_any(),
                 CredentialProblem {
                     reason: "Invalid",
-                    message: format!("the object cannot be read: {}", invalid.error),
+                    message: format!(
+                        "the object cannot be read: {}",
+                        crate::malformed::describe("Credential", &invalid.error)
+                    ),
                 },
             )),
             Ok(cred) => match resolve_credential(cred, &secrets, &lookup_pool, Some(&pool_name)) {
