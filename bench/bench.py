@@ -28,11 +28,16 @@ REL = pathlib.Path(os.environ.get("BENCH_BIN_DIR") or ROOT / "target" / "release
 OHA = os.environ["OHA"]
 LITELLM = os.environ.get("LITELLM")  # path to the litellm executable, or empty to skip
 GO_NAME = "Go Auto AI Router"
+H2_NAME = "airouter, HTTP/2 upstream"
 GO_ROUTER: str | None = None  # resolved by resolve_go_router(): GO_ROUTER_BIN or tests/tools/go-router.sh
 GO_ROUTER_NOTE = ""  # why the Go router is not measured, when it is not
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 DURATION = os.environ.get("BENCH_DURATION", "8s")
 LOADGEN_CPU, SUT_CPU = "0", "1"
+# Throughput rounds: more, shorter, paired runs than the other scenarios, in alternating order
+# (A B, then B A), because single runs on this kind of machine move by ±15 %.
+TP_ROUNDS = int(os.environ.get("BENCH_TP_ROUNDS", str(2 * int(os.environ.get("BENCH_RUNS", "3")) + 1)))
+TP_DURATION = os.environ.get("BENCH_TP_DURATION", "4s")
 # Smaller counts and another output directory make a smoke run (tests/run.sh does one).
 OUT = pathlib.Path(os.environ.get("BENCH_OUT") or ROOT / "bench")
 LAT_REQUESTS = int(os.environ.get("BENCH_LAT_REQUESTS", "5000"))
@@ -100,8 +105,8 @@ def cpu_ticks(pid: int) -> int:
     return int(f[11]) + int(f[12])
 
 
-def oha(url: str, *args: str) -> dict:
-    cmd = ["taskset", "-c", LOADGEN_CPU, OHA, "--no-tui", "--output-format", "json", "-m", "POST",
+def oha(url: str, *args: str, cpu: str = LOADGEN_CPU) -> dict:
+    cmd = ["taskset", "-c", cpu, OHA, "--no-tui", "--output-format", "json", "-m", "POST",
            "-H", f"Authorization: Bearer {KEY}", "-H", "Content-Type: application/json", "-d", BODY,
            *args, url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -145,9 +150,12 @@ def hold_streams(base: str, target: subprocess.Popen, count: int = OPEN_STREAMS)
     return {"opened": opened, "completed": completed, "rss_kb": peak, "cpu_pct": cpu}
 
 
-def airouter_config(mock_port: int, port: int) -> pathlib.Path:
-    """The realistic topology: 4 primaries, 1 fallback, an alias, limits too high to trigger."""
+def airouter_config(mock_port: int, port: int, http2: bool = False) -> pathlib.Path:
+    """The realistic topology: 4 primaries, 1 fallback, an alias, limits too high to trigger.
+    `http2`: every credential speaks HTTP/2 to the mock (h2c), as `auto` does with an https
+    provider that offers h2."""
     up = f"http://127.0.0.1:{mock_port}"
+    h2 = ", http_version: http2" if http2 else ""
     cfg = f"""server:
   host: 127.0.0.1
   port: {port}
@@ -155,17 +163,17 @@ def airouter_config(mock_port: int, port: int) -> pathlib.Path:
   logging_level: error
   max_provider_retries: 2
 credentials:
-  - {{name: primary-1, type: openai, api_key: sk-1, base_url: "{up}", rpm: 100000000, tpm: 100000000000}}
-  - {{name: primary-2, type: openai, api_key: sk-2, base_url: "{up}", rpm: 100000000, tpm: 100000000000}}
-  - {{name: primary-3, type: openai, api_key: sk-3, base_url: "{up}", rpm: 100000000, tpm: 100000000000}}
-  - {{name: primary-4, type: openai, api_key: sk-4, base_url: "{up}", rpm: 100000000, tpm: 100000000000}}
-  - {{name: backup, type: proxy, api_key: sk-5, base_url: "{up}", is_fallback: true}}
+  - {{name: primary-1, type: openai, api_key: sk-1, base_url: "{up}", rpm: 100000000, tpm: 100000000000{h2}}}
+  - {{name: primary-2, type: openai, api_key: sk-2, base_url: "{up}", rpm: 100000000, tpm: 100000000000{h2}}}
+  - {{name: primary-3, type: openai, api_key: sk-3, base_url: "{up}", rpm: 100000000, tpm: 100000000000{h2}}}
+  - {{name: primary-4, type: openai, api_key: sk-4, base_url: "{up}", rpm: 100000000, tpm: 100000000000{h2}}}
+  - {{name: backup, type: proxy, api_key: sk-5, base_url: "{up}", is_fallback: true{h2}}}
 models:
   - {{name: gpt-4o-mini, rpm: 100000000}}
 model_alias:
   fast: gpt-4o-mini
 """
-    path = TMP / f"airouter-{port}.yaml"
+    path = TMP / f"airouter-{port}{'-h2' if http2 else ''}.yaml"
     path.write_text(cfg)
     return path
 
@@ -265,7 +273,7 @@ def start_go_router(mock_port: int) -> tuple[str, subprocess.Popen]:
 class Stack:
     """A mock provider and every target in front of it."""
 
-    def __init__(self, mock_args: list[str], with_litellm: bool, with_go: bool = True):
+    def __init__(self, mock_args: list[str], with_litellm: bool, with_go: bool = True, with_h2: bool = False):
         self.mock_port = free_port()
         self.mock = start([str(REL / "bench-mock"), "--listen", f"127.0.0.1:{self.mock_port}", *mock_args], log="mock")
         wait_http(f"http://127.0.0.1:{self.mock_port}/v1/models")
@@ -279,6 +287,12 @@ class Stack:
         ar = start([str(REL / "airouter"), "run", "--config", str(airouter_config(self.mock_port, p))], log="airouter")
         wait_http(f"http://127.0.0.1:{p}/health/readiness")
         self.targets["airouter"] = (f"http://127.0.0.1:{p}", ar)
+        if with_h2:
+            p = free_port()
+            h2 = start([str(REL / "airouter"), "run", "--config", str(airouter_config(self.mock_port, p, http2=True))],
+                       log="airouter-h2")
+            wait_http(f"http://127.0.0.1:{p}/health/readiness")
+            self.targets[H2_NAME] = (f"http://127.0.0.1:{p}", h2)
         if with_go and GO_ROUTER:
             self.targets[GO_NAME] = start_go_router(self.mock_port)
         if with_litellm and LITELLM:
@@ -306,6 +320,7 @@ def check(r: dict) -> list[str]:
         if not xs or not all(isinstance(x, (int, float)) and x > 0 for x in xs):
             problems.append(f"{what}: {xs!r}")
     for n in must:
+        positive(f"latency_c1_one_cpu_us[{n}].p50", r["latency_c1_one_cpu_us"].get(n, {}).get("p50"))
         positive(f"latency_c1_us[{n}].p50", r["latency_c1_us"].get(n, {}).get("p50"))
         positive(f"latency_c1_us[{n}].p99", r["latency_c1_us"].get(n, {}).get("p99"))
         positive(f"rps_c64[{n}]", r["rps_c64"].get(n))
@@ -313,7 +328,7 @@ def check(r: dict) -> list[str]:
         for k in ("ttfc_p50", "ttfc_p99", "gap_p50", "gap_p99"):
             positive(f"streaming_us[{n}].{k}", r["streaming_us"].get(n, {}).get(k))
     positive("idle_rss_kb", [r.get("idle_rss_kb")])
-    for key in ("open_streams", "open_streams_passthrough"):
+    for key in ("open_streams", "open_streams_h2", "open_streams_passthrough"):
         runs = r.get(key) or []
         if not runs:
             problems.append(f"{key}: no runs")
@@ -357,11 +372,23 @@ def main() -> int:
                 lat[n]["p99"].append(d["latencyPercentiles"]["p99"] * 1e6)
         results["latency_c1_us"] = lat
 
-        # (2) max throughput at 64 connections
-        rps = {n: [] for n in names}
+        # (1b) the same with every role on one CPU: no cross-CPU wake-ups, so what is left
+        # is each process's own work and the context switches between them.
+        one = ("direct (mock)", "bare hyper pass-through", "airouter")
+        lat1 = {n: {"p50": [], "p99": []} for n in one}
         for _ in range(RUNS):
-            for n in names:
-                d = oha(url[n], "-z", DURATION, "-c", "64")
+            for n in one:
+                d = oha(url[n], "-n", str(LAT_REQUESTS), "-c", "1", cpu=SUT_CPU)
+                lat1[n]["p50"].append(d["latencyPercentiles"]["p50"] * 1e6)
+                lat1[n]["p99"].append(d["latencyPercentiles"]["p99"] * 1e6)
+        results["latency_c1_one_cpu_us"] = lat1
+
+        # (2) max throughput at 64 connections: TP_ROUNDS rounds, the order reversed every
+        # other round, so neither target always runs right after the other.
+        rps = {n: [] for n in names}
+        for i in range(TP_ROUNDS):
+            for n in (names if i % 2 == 0 else names[::-1]):
+                d = oha(url[n], "-z", TP_DURATION, "-c", "64")
                 rps[n].append(d["summary"]["requestsPerSec"])
         results["rps_c64"] = rps
 
@@ -401,12 +428,16 @@ def main() -> int:
 
         # (5) OPEN_STREAMS (5,000) concurrent open streams (20 chunks 500 ms apart: ~10 s each), airouter and the
         # bare pass-through (the physical limit of a hyper proxy) alternately.
-        stack = Stack(["--chunks", "20", "--chunk-interval-ms", "500"], with_litellm=False, with_go=False)
-        held, held_pt = [], []
+        # The mock allows 256 HTTP/2 streams per connection (as large providers' edges do),
+        # so the HTTP/2 airouter opens ~20 upstream connections for 5,000 streams.
+        stack = Stack(["--chunks", "20", "--chunk-interval-ms", "500", "--h2-max-streams", "256"],
+                      with_litellm=False, with_go=False, with_h2=True)
+        held, held_h2, held_pt = [], [], []
         for _ in range(RUNS):
-            for name, out in (("airouter", held), ("bare hyper pass-through", held_pt)):
+            for name, out in (("airouter", held), (H2_NAME, held_h2), ("bare hyper pass-through", held_pt)):
                 out.append(hold_streams(*stack.targets[name]))
         results["open_streams"] = held
+        results["open_streams_h2"] = held_h2
         results["open_streams_passthrough"] = held_pt
         stack.close()
     except BaseException:
@@ -499,8 +530,10 @@ def write_markdown(r: dict) -> None:
     s.append("Reproduce: `bash bench/run.sh` (builds everything, installs oha and LiteLLM into "
              "`~/.cache/airouter/`, runs every scenario, rewrites this file and `bench/results.json`).\n")
     s.append("Placement: the load generator (oha, `bench-stream`) is pinned to CPU 0; the target and the mock "
-             "provider share CPU 1 (`taskset`), the same way for every target. Every figure is the median of "
-             f"{len(next(iter(rps.values())))} runs, with the spread (min–max) beside it. The airouter config is the "
+             "provider share CPU 1 (`taskset`), the same way for every target (scenario 1b moves the load "
+             "generator to CPU 1 too). Every figure is the median of "
+             f"{len(lat['airouter']['p50'])} runs ({len(rps['airouter'])} for throughput), with the spread (min–max) "
+             "beside it. The airouter config is the "
              "realistic topology: 4 primary credentials, 1 fallback proxy, an alias, limits too high to trigger "
              "(`bench/bench.py: airouter_config`).\n")
     pt, ar = "bare hyper pass-through", "airouter"
@@ -535,10 +568,16 @@ def write_markdown(r: dict) -> None:
     pt_idle = r.get("idle_rss_passthrough_kb")
     row("idle RSS", f"{idle_mb:.1f} MB", f"{pt_idle / 1024:.1f} MB" if pt_idle else "", "≤ 20 MB", idle_mb <= 20)
     peak_mb = med([h["rss_kb"] for h in held]) / 1024
+    held_h2 = r.get("open_streams_h2") or []
     held_pt = r.get("open_streams_passthrough") or []
     pt_peak = f"{med([h['rss_kb'] for h in held_pt]) / 1024:.1f} MB" if held_pt else ""
     counts = r.get("counts") or {"streams": 1500, "open_streams": 5000}
-    row(f"RSS with {counts['open_streams']:,} open streams", f"{peak_mb:.1f} MB", pt_peak, "≤ 100 MB", peak_mb <= 100)
+    if held_h2:
+        h2_mb = med([h["rss_kb"] for h in held_h2]) / 1024
+        row(f"RSS with {counts['open_streams']:,} open streams, HTTP/2 upstream (what an https provider "
+            "offering h2 gets)", f"{h2_mb:.1f} MB", "", "≤ 100 MB", h2_mb <= 100)
+    row(f"RSS with {counts['open_streams']:,} open streams, HTTP/1.1 upstream", f"{peak_mb:.1f} MB", pt_peak,
+        "≤ 100 MB", peak_mb <= 100)
     gr = r.get("go_router") or {}
     if go_rps:
         s.append(f"\nGo Auto AI Router: `{gr.get('binary')}` (from `GO_ROUTER_BIN` or `tests/tools/go-router.sh`), same "
@@ -552,7 +591,20 @@ def write_markdown(r: dict) -> None:
     for n, v in lat.items():
         s.append(f"| {n} | {us(med(v['p50']))} ({spread(v['p50'])}) | {us(med(v['p99']))} ({spread(v['p99'])}) | "
                  f"{us(med(v['p50']) - d50)} | {us(med(v['p99']) - d99)} |")
+    lat1 = r.get("latency_c1_one_cpu_us")
+    if lat1:
+        o50, o99 = med(lat1["direct (mock)"]["p50"]), med(lat1["direct (mock)"]["p99"])
+        s.append("\n## (1b) Concurrency 1 with every role on CPU 1\n")
+        s.append("The load generator moved beside the mock and the target: no request crosses between CPUs, so "
+                 "the added latency is the target's own work plus the context switches it adds. Compare with (1), "
+                 "where each request and answer crosses between the two CPUs once.\n")
+        s.append("| target | p50 | p99 | added p50 | added p99 |\n|---|---|---|---|---|")
+        for n, v in lat1.items():
+            s.append(f"| {n} | {us(med(v['p50']))} ({spread(v['p50'])}) | {us(med(v['p99']))} ({spread(v['p99'])}) | "
+                     f"{us(med(v['p50']) - o50)} | {us(med(v['p99']) - o99)} |")
     s.append("\n## (2) Maximum throughput, 64 connections\n")
+    s.append(f"{len(next(iter(rps.values())))} rounds of {TP_DURATION}, the target order reversed every other round; "
+             "the ratio in the targets table is the median of the per-round ratios.\n")
     s.append("| target | requests/s | spread | vs pass-through |\n|---|---|---|---|")
     for n, v in rps.items():
         s.append(f"| {n} | {med(v):,.0f} | {spread(v)} | {med(v) / pt_rps:.2f}× |")
@@ -569,9 +621,11 @@ def write_markdown(r: dict) -> None:
              f"{us(t99)} (p99) to the first chunk and {us(med(sl['airouter']['gap_p99']) - med(base['gap_p99']))} "
              "to the p99 inter-chunk gap.\n")
     s.append(f"## (5) {counts['open_streams']:,} concurrent open streams\n")
-    s.append("Rounds alternate between the two targets; each target is one process through all its rounds.\n")
+    s.append("Rounds alternate between the targets; each target is one process through all its rounds. The mock "
+             "allows 256 HTTP/2 streams per connection, so the HTTP/2 airouter holds ~20 upstream connections where "
+             "the others hold 5,000.\n")
     s.append("| target | run | opened | completed | peak RSS | CPU while open |\n|---|---|---|---|---|---|")
-    for name, runs in ((ar, held), (pt, held_pt)):
+    for name, runs in ((ar, held), (H2_NAME, held_h2), (pt, held_pt)):
         for i, h in enumerate(runs, 1):
             s.append(f"| {name} | {i} | {h['opened']} | {h['completed']} | {h['rss_kb'] / 1024:.1f} MB | "
                      f"{h['cpu_pct']:.0f} % |")

@@ -10,8 +10,24 @@ use hyper_util::{
 };
 use tokio::net::TcpListener;
 
-/// Serves `handler` on `addr` forever (HTTP/1.1 keep-alive and h2c, `TCP_NODELAY`).
+/// Serves `handler` on `addr` forever (HTTP/1.1 keep-alive and h2c, `TCP_NODELAY`), with
+/// hyper's default HTTP/2 stream limit per connection (200).
 pub async fn serve<F, Fut, B>(addr: SocketAddr, handler: F) -> anyhow::Result<()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve_with(addr, 200, handler).await
+}
+
+/// [`serve`] with `h2_max_streams` as the HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`.
+pub async fn serve_with<F, Fut, B>(
+    addr: SocketAddr,
+    h2_max_streams: u32,
+    handler: F,
+) -> anyhow::Result<()>
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
@@ -31,7 +47,9 @@ where
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler(req).await) }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder.http2().max_concurrent_streams(h2_max_streams);
+            let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

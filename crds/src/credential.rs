@@ -152,6 +152,21 @@ pub struct CredentialSpec {
     /// Vertex AI settings (type vertex-ai).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vertex: Option<VertexSpec>,
+    /// The HTTP version spoken to the upstream: auto (the default: HTTP/2 where TLS ALPN
+    /// offers it, HTTP/1.1 otherwise), http1, or http2 (required in ALPN for https://,
+    /// prior knowledge for http://). HTTP/2 connections are added as the provider's
+    /// concurrent-stream limit fills.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_version: Option<HttpVersion>,
+}
+
+/// Which HTTP version a credential's upstream is spoken to with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpVersion {
+    Auto,
+    Http1,
+    Http2,
 }
 
 /// What the operator and the data plane report about a Credential.

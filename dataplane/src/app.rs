@@ -16,12 +16,12 @@ use crate::{
     remote::RemoteHealth,
     runtime::Runtime,
     store::ConfigStore,
-    upstream::{self, HttpClient},
+    upstream,
 };
 
 pub struct App {
     pub store: ConfigStore,
-    pub client: HttpClient,
+    pub client: upstream::Client,
     pub limits: Arc<dyn Limits>,
     pub metrics: Metrics,
     pub remote: Arc<RemoteHealth>,
@@ -42,7 +42,7 @@ pub struct Applied {
 
 impl App {
     pub fn new(config: RouterConfig, config_path: Option<PathBuf>) -> Arc<App> {
-        let client = upstream::client(&config.server);
+        let client = upstream::Client::new(&config.server);
         let metrics = Metrics::new();
         let store = ConfigStore::new(config);
         metrics.config_applied("startup", true, Some(&store.current().hash));

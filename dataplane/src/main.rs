@@ -15,6 +15,9 @@ use airouter::{
 use clap::{Parser, Subcommand};
 use tracing::{error, info, warn};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for a config that does not validate (sysexits EX_USAGE).
 const EXIT_BAD_CONFIG: u8 = 64;
 
@@ -167,7 +170,15 @@ fn run(path: &Path, log_format: LogFormat, listen_host: Option<String>) -> ExitC
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(loaded.config, path.to_path_buf(), listen_host)) {
+    // On a worker thread, not the main one: connection state is then allocated (and freed)
+    // by the threads that use it, in the same malloc arenas, instead of split between
+    // the main thread's arena (accept, spawn) and the workers'.
+    let served = runtime.block_on(async move {
+        tokio::spawn(serve(loaded.config, path.to_path_buf(), listen_host))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("the server task failed: {e}")))
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");

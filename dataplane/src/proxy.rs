@@ -487,7 +487,7 @@ impl Forward<'_> {
                         return self.transport_failure(cred, slot, TransportError::Connect, sent);
                     }
                 };
-                let call = self.app.client.request(req);
+                let call = self.app.client.request(cred.http_version, req);
                 let result = match timeout {
                     Some(t) => tokio::time::timeout(t, call).await,
                     None => Ok(call.await),
@@ -645,9 +645,9 @@ impl Forward<'_> {
 
 const MIB: u64 = 1024 * 1024;
 
-/// An upstream answer's body: hyper's, or the mock provider's.
+/// An upstream answer's body: from the network, or the mock provider's.
 enum UpstreamBody {
-    Hyper(Incoming),
+    Hyper(upstream::ResponseBody),
     Boxed(RespBody),
 }
 

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use crate::{
     config::CredentialType,
     runtime::{Credential, Runtime},
-    upstream::HttpClient,
+    upstream::Client,
 };
 
 /// How long one remote fetch may take.
@@ -126,7 +126,7 @@ impl RemoteHealth {
 
     /// Runs forever: sync, then sleep `health_sync_interval` of the current config (or until
     /// woken).
-    pub async fn run(self: Arc<Self>, current: impl Fn() -> Arc<Runtime>, client: HttpClient) {
+    pub async fn run(self: Arc<Self>, current: impl Fn() -> Arc<Runtime>, client: Client) {
         loop {
             let rt = current();
             let interval = rt.config.server.health_sync_interval;
@@ -155,7 +155,7 @@ impl RemoteHealth {
     }
 }
 
-async fn sync_one(client: &HttpClient, cred: &Credential) -> RemoteStatus {
+async fn sync_one(client: &Client, cred: &Credential) -> RemoteStatus {
     let mut status = RemoteStatus {
         synced_at: Some(SystemTime::now()),
         ..Default::default()
@@ -209,7 +209,7 @@ async fn sync_one(client: &HttpClient, cred: &Credential) -> RemoteStatus {
 }
 
 /// GET `<base_url><path>` with the credential's key, bounded in time and size.
-async fn fetch(client: &HttpClient, cred: &Credential, path: &str) -> Result<Bytes, String> {
+async fn fetch(client: &Client, cred: &Credential, path: &str) -> Result<Bytes, String> {
     let uri = format!("{}{path}", cred.base_url);
     let mut req = Request::builder()
         .method(Method::GET)
@@ -222,7 +222,7 @@ async fn fetch(client: &HttpClient, cred: &Credential, path: &str) -> Result<Byt
     }
     let work = async {
         let resp = client
-            .request(req)
+            .request(cred.http_version, req)
             .await
             .map_err(|e| format!("GET {path}: {e}"))?;
         let status = resp.status();

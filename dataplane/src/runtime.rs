@@ -19,7 +19,7 @@ use http::HeaderValue;
 use parking_lot::{Mutex, RwLock};
 
 use crate::{
-    config::{CredentialType, Limit, MockConfig, RouterConfig},
+    config::{CredentialType, HttpVersion, Limit, MockConfig, RouterConfig},
     limit::{fail2ban::Policy, CredState, SlotLimits},
     secret::Secret,
     FastMap,
@@ -52,6 +52,7 @@ pub struct Credential {
     pub state: Arc<CredState>,
     /// `base_url` split for assembling request URIs (`None`: assembled from the string).
     pub base: Option<crate::upstream::BaseUrl>,
+    pub http_version: HttpVersion,
 }
 
 impl Credential {
@@ -192,6 +193,7 @@ impl Runtime {
                 mock: c.mock.clone(),
                 state: registry.cred_state(&c.name),
                 base: crate::upstream::BaseUrl::parse(c.kind, &c.base_url),
+                http_version: c.http_version,
             })
             .collect();
         let by_name: HashMap<String, usize> = credentials

@@ -1,21 +1,119 @@
 //! The listener: accepts connections (HTTP/1.1 with keep-alive, or HTTP/2 without TLS),
 //! serves them with [`proxy::handle`], and shuts down gracefully: stop accepting, let
 //! in-flight requests and streams finish (bounded by a grace period), then return.
+//!
+//! The protocol is told from the connection's first bytes with `MSG_PEEK`, so they stay in
+//! the socket for hyper. (hyper-util's automatic builder reads them into a buffer of its own
+//! and hands them back first: hyper then sees a 24-byte partial head and doubles its 8 KiB
+//! read buffer for every HTTP/1.1 connection — 8 KiB more per open stream.)
 
 use std::{
     convert::Infallible, future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration,
 };
 
 use http::{Request, Response};
-use hyper::body::Incoming;
+use hyper::{body::Incoming, server::conn::http1, server::conn::http2};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::{
+        conn::auto,
+        graceful::{GracefulShutdown, Watcher},
+    },
 };
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use crate::{admin, app::App, body::RespBody, proxy};
+
+/// How long a client may take to send a request head (slow-loris protection); also how
+/// long a new connection may stay silent.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4) an h2c client opens with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a connection's first bytes say about its protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Detected {
+    Http1,
+    Http2,
+    /// A strict prefix of the HTTP/2 preface: more bytes are needed to tell.
+    Undecided,
+    /// The peer closed without sending anything.
+    Closed,
+}
+
+fn detect(first: &[u8]) -> Detected {
+    let n = first.len().min(H2_PREFACE.len());
+    if n == 0 {
+        Detected::Closed
+    } else if first[..n] != H2_PREFACE[..n] {
+        Detected::Http1
+    } else if n == H2_PREFACE.len() {
+        Detected::Http2
+    } else {
+        Detected::Undecided
+    }
+}
+
+/// The connection builders, configured once per listener.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+    /// For a connection whose first bytes are a strict prefix of the preface: it reads until
+    /// it can tell (rare: clients send the whole preface at once).
+    auto: auto::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    fn new() -> Protocols {
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2.timer(TokioTimer::new());
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        auto.http2().timer(TokioTimer::new());
+        Protocols { http1, http2, auto }
+    }
+
+    /// Serves one connection to its end (or until shutdown has drained it).
+    async fn serve(
+        &self,
+        stream: TcpStream,
+        service: Service,
+        watcher: Watcher,
+        mut draining: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let mut first = [0u8; H2_PREFACE.len()];
+        let peeked = tokio::select! {
+            peeked = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)) => peeked,
+            // Shutting down before the first byte: nothing to finish.
+            _ = draining.wait_for(|d| *d) => return Ok(()),
+        };
+        let n = match peeked {
+            Ok(read) => read?,
+            Err(_) => return Err("no request within the header read timeout".into()),
+        };
+        let io = TokioIo::new(stream);
+        match detect(&first[..n]) {
+            Detected::Closed => Ok(()),
+            Detected::Http1 => Ok(watcher
+                .watch(self.http1.serve_connection(io, service))
+                .await?),
+            Detected::Http2 => Ok(watcher
+                .watch(self.http2.serve_connection(io, service))
+                .await?),
+            Detected::Undecided => watcher.watch(self.auto.serve_connection(io, service)).await,
+        }
+    }
+}
 
 /// Serves until `shutdown` resolves, then drains connections for at most `grace`: idle
 /// keep-alive connections are closed, in-flight requests and streams run to their end.
@@ -26,14 +124,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        .header_read_timeout(Duration::from_secs(30));
-    builder.http2().timer(TokioTimer::new());
+    let protocols = Arc::new(Protocols::new());
     let graceful = GracefulShutdown::new();
+    let (draining_tx, draining) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -49,10 +142,12 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let service = Service { app: app.clone(), role };
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
+                // Subscribed now, so a shutdown that starts before the protocol is known
+                // still reaches the connection.
+                let watcher = graceful.watcher();
+                let (protocols, draining) = (protocols.clone(), draining.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    if let Err(e) = protocols.serve(stream, service, watcher, draining).await {
                         debug!(peer = %peer, error = %e, "connection ended with an error");
                     }
                 });
@@ -61,6 +156,7 @@ pub async fn serve(
         }
     }
     drop(listener);
+    let _ = draining_tx.send(true);
     info!(listener = ?role, "listener closed: draining in-flight requests");
     tokio::select! {
         () = graceful.shutdown() => info!("all connections closed"),
@@ -76,8 +172,6 @@ pub async fn bind(host: &str, port: u16) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// The per-connection service. A named type with a boxed future (rather than `service_fn`)
-/// so the future's `Send` bound is checked once, here.
 /// Which API a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -85,6 +179,8 @@ pub enum Role {
     Admin,
 }
 
+/// The per-connection service. A named type with a boxed future (rather than `service_fn`)
+/// so the future's `Send` bound is checked once, here.
 #[derive(Clone)]
 struct Service {
     app: Arc<App>,
@@ -102,5 +198,26 @@ impl hyper::service::Service<Request<Incoming>> for Service {
             Role::Public => Box::pin(async move { Ok(proxy::handle(app, req).await) }),
             Role::Admin => Box::pin(async move { Ok(admin::handle(app, req).await) }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_bytes_tell_the_protocol() {
+        assert_eq!(detect(b""), Detected::Closed);
+        assert_eq!(
+            detect(b"POST /v1/chat/completions HTTP/1.1\r\n"),
+            Detected::Http1
+        );
+        assert_eq!(detect(b"G"), Detected::Http1);
+        assert_eq!(detect(b"PRI * HTTP/1.1\r\n"), Detected::Http1);
+        assert_eq!(detect(b"PRI * HTTP/2"), Detected::Undecided);
+        assert_eq!(detect(H2_PREFACE), Detected::Http2);
+        let mut more = H2_PREFACE.to_vec();
+        more.extend_from_slice(b"\0\0\x12\x04");
+        assert_eq!(detect(&more), Detected::Http2);
     }
 }

@@ -20,6 +20,10 @@ struct Args {
     /// Delay between streamed chunks, in milliseconds.
     #[arg(long, default_value_t = 0)]
     chunk_interval_ms: u64,
+    /// HTTP/2 streams allowed per connection (`SETTINGS_MAX_CONCURRENT_STREAMS`); 256 is
+    /// what large providers' edges commonly announce.
+    #[arg(long, default_value_t = 256)]
+    h2_max_streams: u32,
 }
 
 type Body = UnsyncBoxBody<Bytes, std::convert::Infallible>;
@@ -93,6 +97,6 @@ async fn handle(args: Args, req: Request<Incoming>) -> Response<Body> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let listen = args.listen;
-    airouter_bench::serve(listen, move |req| handle(args.clone(), req)).await
+    let (listen, h2_max_streams) = (args.listen, args.h2_max_streams);
+    airouter_bench::serve_with(listen, h2_max_streams, move |req| handle(args.clone(), req)).await
 }

@@ -241,6 +241,37 @@ pub struct CredentialConfig {
     pub credentials_json: Option<Secret>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mock: Option<MockConfig>,
+    /// Ours: the HTTP version spoken to `base_url`.
+    #[serde(skip_serializing_if = "HttpVersion::is_auto")]
+    pub http_version: HttpVersion,
+}
+
+/// Ours: which HTTP version a credential's upstream is spoken to with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpVersion {
+    /// HTTP/2 to `https` origins that offer it in TLS ALPN, HTTP/1.1 otherwise.
+    #[default]
+    Auto,
+    Http1,
+    /// HTTP/2 only: required in ALPN for `https`, prior knowledge (h2c) for `http`.
+    Http2,
+}
+
+impl HttpVersion {
+    pub const ALL: [HttpVersion; 3] = [HttpVersion::Auto, HttpVersion::Http1, HttpVersion::Http2];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpVersion::Auto => "auto",
+            HttpVersion::Http1 => "http1",
+            HttpVersion::Http2 => "http2",
+        }
+    }
+
+    pub fn is_auto(&self) -> bool {
+        *self == HttpVersion::Auto
+    }
 }
 
 /// How a `mock` credential answers.

@@ -9,8 +9,8 @@ use serde_yaml::{Mapping, Value};
 
 use super::{
     duration, BanDuration, ConfigError, CredentialConfig, CredentialType, ErrorCodeRule,
-    Fail2BanConfig, Limit, Loaded, LogLevel, MockConfig, ModelConfig, MonitoringConfig, Problem,
-    RouterConfig, ServerConfig,
+    Fail2BanConfig, HttpVersion, Limit, Loaded, LogLevel, MockConfig, ModelConfig,
+    MonitoringConfig, Problem, RouterConfig, ServerConfig,
 };
 use crate::secret::Secret;
 
@@ -61,6 +61,7 @@ const CREDENTIAL_KEYS: &[&str] = &[
     "credentials_file",
     "credentials_json",
     "mock",
+    "http_version",
 ];
 const MOCK_KEYS: &[&str] = &[
     "latency",
@@ -813,6 +814,7 @@ impl Parser<'_> {
             v if kind == CredentialType::Mock => Some(self.mock(v, &join(f, "mock"))),
             _ => None,
         };
+        let http_version = self.http_version(m, f, kind);
         Some(CredentialConfig {
             name: name?,
             kind,
@@ -826,7 +828,32 @@ impl Parser<'_> {
             credentials_file,
             credentials_json,
             mock,
+            http_version,
         })
+    }
+
+    fn http_version(&mut self, m: Option<&Mapping>, f: &str, kind: CredentialType) -> HttpVersion {
+        let field = join(f, "http_version");
+        let Some(raw) = self.string(m, "http_version", f, true) else {
+            return HttpVersion::Auto;
+        };
+        match HttpVersion::ALL.into_iter().find(|v| v.as_str() == raw) {
+            Some(v) if kind == CredentialType::Mock && !v.is_auto() => {
+                self.warn(
+                    field,
+                    "a mock credential has no upstream; http_version is ignored",
+                );
+                HttpVersion::Auto
+            }
+            Some(v) => v,
+            None => {
+                self.error(
+                    field,
+                    format!("invalid http_version: {raw} (must be one of auto, http1, http2)"),
+                );
+                HttpVersion::Auto
+            }
+        }
     }
 
     fn base_url(
@@ -1134,6 +1161,33 @@ mod tests {
             .collect();
         assert!(w.contains(&"litellm_db".to_string()));
         assert!(w.contains(&"surprise".to_string()));
+    }
+
+    #[test]
+    fn http_version_per_credential() {
+        let doc = |v: &str| {
+            format!("server: {{master_key: k}}\ncredentials: [{{name: a, type: openai, api_key: x, base_url: 'https://h', http_version: {v}}}]\n")
+        };
+        let version = |v: &str| parse(&doc(v), &no_env).unwrap().config.credentials[0].http_version;
+        assert_eq!(
+            parse(MINIMAL, &no_env).unwrap().config.credentials[0].http_version,
+            HttpVersion::Auto
+        );
+        assert_eq!(version("http1"), HttpVersion::Http1);
+        assert_eq!(version("http2"), HttpVersion::Http2);
+        assert_eq!(version("auto"), HttpVersion::Auto);
+        let err = parse(&doc("h2"), &no_env).unwrap_err();
+        assert_eq!(err.problems[0].field, "credentials[0].http_version");
+        assert!(
+            err.problems[0].message.contains("auto, http1, http2"),
+            "{}",
+            err.problems[0].message
+        );
+        let mock =
+            "server: {master_key: k}\ncredentials: [{name: m, type: mock, http_version: http2}]\n";
+        let loaded = parse(mock, &no_env).unwrap();
+        assert_eq!(loaded.warnings[0].field, "credentials[0].http_version");
+        assert_eq!(loaded.config.credentials[0].http_version, HttpVersion::Auto);
     }
 
     #[test]

@@ -7,12 +7,13 @@ use std::time::Duration;
 use airouter::{
     config::{
         duration, BanDuration, CredentialConfig, CredentialType as DpType, ErrorCodeRule,
-        Fail2BanConfig, Limit, LogLevel, ModelConfig, MonitoringConfig, RouterConfig, ServerConfig,
+        Fail2BanConfig, HttpVersion as DpHttpVersion, Limit, LogLevel, ModelConfig,
+        MonitoringConfig, RouterConfig, ServerConfig,
     },
     secret::Secret,
 };
 use airouter_crds::{
-    credential::CredentialType,
+    credential::{CredentialType, HttpVersion},
     router_pool::{Fail2BanSpec, LogLevel as CrdLogLevel},
     RouterPoolSpec,
 };
@@ -260,6 +261,11 @@ fn credential(cred: &ResolvedCredential, share: Share) -> Result<CredentialConfi
         credentials_file: None,
         credentials_json: cred.vertex_credentials_json.clone().map(Secret::new),
         mock: None,
+        http_version: match spec.http_version {
+            None | Some(HttpVersion::Auto) => DpHttpVersion::Auto,
+            Some(HttpVersion::Http1) => DpHttpVersion::Http1,
+            Some(HttpVersion::Http2) => DpHttpVersion::Http2,
+        },
     })
 }
 
@@ -318,6 +324,21 @@ mod tests {
             "tk",
             "a pool target is called with its master key"
         );
+    }
+
+    #[test]
+    fn http_version_reaches_the_config() {
+        let render = |spec: serde_json::Value| {
+            render_config(&pool(), &resolved(spec, false))
+                .unwrap()
+                .credentials[0]
+                .http_version
+        };
+        let base = serde_json::json!({"type": "openai", "baseUrl": "https://api.openai.com"});
+        assert_eq!(render(base.clone()), DpHttpVersion::Auto);
+        let mut h2c = base;
+        h2c["httpVersion"] = "http2".into();
+        assert_eq!(render(h2c), DpHttpVersion::Http2);
     }
 
     #[test]

@@ -1,10 +1,8 @@
-//! The pooled upstream HTTP client and how a request for one credential is built.
-//!
-//! One hyper client (HTTP/1.1 and HTTP/2 by ALPN, rustls with the webpki roots for `https`,
-//! `TCP_NODELAY` on every socket) is shared by all credentials; connections are pooled per
-//! host.
+//! Upstream requests: how a request for one credential is built ([`build`], [`url`]) and
+//! the client that sends it ([`Client`]: HTTP/1.1 and HTTP/2 connection pools).
 
-use std::time::Duration;
+mod client;
+mod h2;
 
 use bytes::Bytes;
 use http::{
@@ -13,16 +11,10 @@ use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Uri,
 };
 use http_body_util::Full;
-use hyper_rustls::HttpsConnector;
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client},
-    rt::{TokioExecutor, TokioTimer},
-};
 
-use crate::{
-    config::{CredentialType, ServerConfig},
-    runtime::Credential,
-};
+pub use client::{Client, Error, ResponseBody};
+
+use crate::{config::CredentialType, runtime::Credential};
 
 /// The header that counts how many routers a request has passed.
 pub const HOPS_HEADER: HeaderName = HeaderName::from_static("x-airouter-hops");
@@ -30,33 +22,6 @@ pub const HOPS_HEADER: HeaderName = HeaderName::from_static("x-airouter-hops");
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-/// Builds the shared client from the `server` section's pool settings.
-pub fn client(server: &ServerConfig) -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    if let Some(t) = server.request_timeout {
-        http.set_connect_timeout(Some(t));
-    }
-    // The ring provider is compiled in; installing it is idempotent across tests.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(server.idle_conn_timeout)
-        .pool_max_idle_per_host(server.max_idle_conns_per_host as usize)
-        .build(https)
-}
 
 /// Headers never copied from the client: hop-by-hop ones (RFC 9110 §7.6.1), the client's own
 /// credentials, and those the client library sets itself.
@@ -236,6 +201,7 @@ mod tests {
             mock: None,
             state: Arc::default(),
             base: BaseUrl::parse(kind, base),
+            http_version: crate::config::HttpVersion::Auto,
         }
     }
 

@@ -1,0 +1,256 @@
+//! The upstream client every credential's requests go through: HTTP/1.1 over hyper-util's
+//! pooled client, HTTP/2 over [`h2::Pool`]. Which one is the credential's `http_version`:
+//! `http1` and `http2` say it outright (`http2` on an `http` URL is h2c with prior
+//! knowledge); `auto` speaks HTTP/2 to `https` origins that offer it in TLS ALPN and
+//! HTTP/1.1 to the rest, remembering the origins that do not.
+
+use std::{
+    collections::HashSet,
+    path::Path,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::{
+    client::legacy::{self, connect::HttpConnector},
+    rt::{TokioExecutor, TokioTimer},
+};
+use parking_lot::RwLock;
+use rustls::{
+    pki_types::{pem::PemObject, CertificateDer},
+    RootCertStore,
+};
+use tracing::{info, warn};
+
+use super::h2::{self, Origin, SendError, StreamSlot};
+use crate::config::{HttpVersion, ServerConfig};
+
+/// Connecting gives up after this when `server.request_timeout` is unlimited.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Cheap to clone: every clone shares the connections.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// TLS offers only `http/1.1` here: HTTP/2 goes through `h2`.
+    http1: legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    h2: h2::Pool,
+    /// `https` origins of `auto` credentials whose TLS handshake did not choose `h2`.
+    http1_only: RwLock<HashSet<Origin, ahash::RandomState>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Http1(#[from] legacy::Error),
+    #[error(transparent)]
+    Http2(#[from] h2::Error),
+}
+
+impl Client {
+    /// The client for the `server` section's pool settings.
+    pub fn new(server: &ServerConfig) -> Client {
+        // The ring provider is compiled in; installing it is idempotent across tests.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let roots = roots(std::env::var_os(CA_FILE_VAR).as_deref().map(Path::new));
+        let connect_timeout = server.request_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let http1 = legacy::Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(server.idle_conn_timeout)
+            .pool_max_idle_per_host(server.max_idle_conns_per_host as usize)
+            .build(connector(&roots, connect_timeout, false));
+        let h2 = h2::Pool::new(
+            connector(&roots, connect_timeout, true),
+            h2::Settings {
+                idle_timeout: server.idle_conn_timeout,
+                connect_timeout,
+            },
+        );
+        Client {
+            inner: Arc::new(Inner {
+                http1,
+                h2,
+                http1_only: RwLock::default(),
+            }),
+        }
+    }
+
+    /// Sends `req` (absolute URI) with the HTTP version `version` asks for.
+    pub async fn request(
+        &self,
+        version: HttpVersion,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<ResponseBody>, Error> {
+        let https = req.uri().scheme() == Some(&http::uri::Scheme::HTTPS);
+        let http2 = match version {
+            HttpVersion::Http1 => false,
+            HttpVersion::Http2 => true,
+            HttpVersion::Auto => {
+                https
+                    && Origin::of(req.uri())
+                        .is_some_and(|o| !self.inner.http1_only.read().contains(&o))
+            }
+        };
+        if !http2 {
+            return self.http1(req).await;
+        }
+        match self.inner.h2.send(req).await {
+            Ok(resp) => Ok(resp.map(|(body, slot)| ResponseBody {
+                body,
+                _slot: Some(slot),
+            })),
+            Err(SendError::NotHttp2(req)) if version == HttpVersion::Auto => {
+                if let Some(origin) = Origin::of(req.uri()) {
+                    info!(origin = %origin, "upstream does not offer HTTP/2; using HTTP/1.1 for it");
+                    self.inner.http1_only.write().insert(origin);
+                }
+                self.http1(*req).await
+            }
+            Err(SendError::NotHttp2(req)) => Err(h2::Error::NotHttp2 {
+                origin: Origin::of(req.uri()).map_or_else(String::new, |o| o.to_string()),
+            }
+            .into()),
+            Err(SendError::Failed(e)) => Err(e.into()),
+        }
+    }
+
+    async fn http1(&self, req: Request<Full<Bytes>>) -> Result<Response<ResponseBody>, Error> {
+        let resp = self.inner.http1.request(req).await?;
+        Ok(resp.map(|body| ResponseBody { body, _slot: None }))
+    }
+}
+
+/// `https` (rustls) or plain `http`, `TCP_NODELAY` and keep-alive on every socket; ALPN
+/// offers `h2` only to the HTTP/2 pool.
+fn connector(
+    roots: &RootCertStore,
+    connect_timeout: Duration,
+    offer_h2: bool,
+) -> HttpsConnector<HttpConnector> {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    http.set_connect_timeout(Some(connect_timeout));
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http();
+    if offer_h2 {
+        builder.enable_all_versions().wrap_connector(http)
+    } else {
+        builder.enable_http1().wrap_connector(http)
+    }
+}
+
+/// The variable naming a PEM file of extra CA certificates for `https` upstreams (an
+/// internal CA). Go's TLS stack reads the same variable, so an Auto AI Router deployment that
+/// sets it keeps working.
+const CA_FILE_VAR: &str = "SSL_CERT_FILE";
+
+/// Mozilla's roots (webpki-roots), plus every certificate in `ca_file`. A file that cannot
+/// be used adds nothing and is reported, naming the file and the reason.
+fn roots(ca_file: Option<&Path>) -> RootCertStore {
+    let mut roots = RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let Some(path) = ca_file else {
+        return roots;
+    };
+    let read = CertificateDer::pem_file_iter(path)
+        .map_err(|e| e.to_string())
+        .and_then(|certs| {
+            certs
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())
+        });
+    let certs = match read {
+        Ok(certs) if certs.is_empty() => Err("no PEM certificate in it".to_owned()),
+        other => other,
+    };
+    match certs {
+        Ok(certs) => {
+            let (added, ignored) = roots.add_parsable_certificates(certs);
+            info!(file = %path.display(), added, ignored, "{CA_FILE_VAR}: trusting its CA certificates for https upstreams");
+        }
+        Err(e) => {
+            warn!(file = %path.display(), error = %e, "{CA_FILE_VAR} not used: https upstreams are checked against the built-in roots only");
+        }
+    }
+    roots
+}
+
+/// An upstream response body; over HTTP/2 it holds its stream until it is finished or
+/// dropped.
+pub struct ResponseBody {
+    body: Incoming,
+    _slot: Option<StreamSlot>,
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn builtin() -> usize {
+        roots(None).len()
+    }
+
+    #[test]
+    fn ssl_cert_file_adds_its_certificates_to_the_builtin_roots() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap();
+        let file = dir.path().join("ca.pem");
+        std::fs::write(&file, ca.pem()).unwrap();
+        assert!(builtin() > 100, "Mozilla's roots are built in");
+        assert_eq!(roots(Some(&file)).len(), builtin() + 1);
+    }
+
+    #[test]
+    fn an_unusable_ssl_cert_file_adds_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no certificate here\n").unwrap();
+        assert_eq!(roots(Some(&empty)).len(), builtin());
+        assert_eq!(
+            roots(Some(&dir.path().join("missing.pem"))).len(),
+            builtin()
+        );
+    }
+}

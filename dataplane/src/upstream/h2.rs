@@ -1,0 +1,465 @@
+//! HTTP/2 connections to upstream origins, opened as their streams run out.
+//!
+//! hyper-util's pooled client keeps one HTTP/2 connection per origin and queues every request
+//! past the peer's `SETTINGS_MAX_CONCURRENT_STREAMS` until a stream on it ends
+//! (hyperium/hyper#3623). LLM streams last tens of seconds, so behind a provider that allows
+//! 100 streams per connection the 101st concurrent request would wait for a whole stream to
+//! finish — long enough to hit `request_timeout` and be counted against the credential. This
+//! pool counts the streams it has started on each connection, reads the peer's limit from the
+//! connection as it changes, and opens another connection when every open one is full (as
+//! Go's `http2.Transport` and Envoy do).
+//!
+//! Until a new connection's peer has sent its SETTINGS, 100 streams are assumed (hyper's
+//! and Go's initial value); a peer that allows fewer queues the excess of that first burst in
+//! hyper until its streams end.
+
+use std::{
+    fmt,
+    future::{poll_fn, Future},
+    pin::pin,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures::{
+    future::{BoxFuture, Shared},
+    FutureExt,
+};
+use http::{
+    uri::{Authority, Scheme},
+    Request, Response, Uri,
+};
+use http_body_util::Full;
+use hyper::{body::Incoming, client::conn::http2};
+use hyper_rustls::HttpsConnector;
+use hyper_util::{
+    client::legacy::connect::{Connection, HttpConnector},
+    rt::{TokioExecutor, TokioTimer},
+};
+use parking_lot::Mutex;
+use tower_service::Service;
+use tracing::debug;
+
+use crate::FastMap;
+
+/// Streams a connection is assumed to take before its peer's SETTINGS arrive.
+const ASSUMED_STREAMS: usize = 100;
+/// How many connections one request may wait for before it gives up. Each wait is for a
+/// connection that was expected to have room for it; more than a few means the peer takes
+/// far fewer streams than assumed.
+const MAX_OPENINGS_PER_REQUEST: usize = 8;
+
+/// Where requests go: scheme and authority of the URI.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Origin {
+    scheme: Scheme,
+    authority: Authority,
+}
+
+impl Origin {
+    pub fn of(uri: &Uri) -> Option<Origin> {
+        Some(Origin {
+            scheme: uri.scheme()?.clone(),
+            authority: uri.authority()?.clone(),
+        })
+    }
+
+    fn is_https(&self) -> bool {
+        self.scheme == Scheme::HTTPS
+    }
+
+    fn uri(&self) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        Uri::from_parts(parts).expect("scheme and authority make a URI")
+    }
+}
+
+/// `scheme://host[:port]`, never the user-info part of the authority (it may hold a key).
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority.host())?;
+        match self.authority.port_u16() {
+            Some(port) => write!(f, ":{port}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Why a request could not be sent over HTTP/2. Cloneable: one failed connection attempt is
+/// the answer for every request that waited for it.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to {origin}: {reason}")]
+    Connect { origin: String, reason: Arc<str> },
+    #[error("{origin} did not agree to HTTP/2 (TLS ALPN chose HTTP/1.1 or nothing)")]
+    NotHttp2 { origin: String },
+    #[error("no HTTP/2 stream free at {origin} after opening {MAX_OPENINGS_PER_REQUEST} connections for this request")]
+    NoStream { origin: String },
+    #[error("HTTP/2 request to {origin} failed: {source}")]
+    Request {
+        origin: String,
+        source: Arc<hyper::Error>,
+    },
+}
+
+/// What [`Pool::send`] gives back when it did not send the request.
+pub enum SendError {
+    /// `https` origin without HTTP/2 in ALPN: the request, unsent, for HTTP/1.1.
+    NotHttp2(Box<Request<Full<Bytes>>>),
+    Failed(Error),
+}
+
+/// Pool settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// A connection with no stream for this long is closed.
+    pub idle_timeout: Duration,
+    /// Bounds connecting: TCP, TLS and the HTTP/2 handshake together.
+    pub connect_timeout: Duration,
+}
+
+/// HTTP/2 connections by origin.
+pub struct Pool {
+    origins: Mutex<FastMap<Origin, Arc<OriginConns>>>,
+    /// TLS with ALPN `h2` and `http/1.1` (so an `auto` origin that lacks h2 can say so), or
+    /// plain TCP for `http` origins (prior knowledge).
+    connector: HttpsConnector<HttpConnector>,
+    builder: http2::Builder<TokioExecutor>,
+    settings: Settings,
+    /// The zero of the idle clocks.
+    epoch: Instant,
+}
+
+/// The connections to one origin.
+struct OriginConns {
+    origin: Origin,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    conns: Vec<Arc<Conn>>,
+    /// Connections being opened, each shared by the requests waiting for it.
+    openings: Vec<Opening>,
+    next_opening: u64,
+}
+
+struct Opening {
+    id: u64,
+    /// Requests that chose to wait for this connection (at most [`ASSUMED_STREAMS`]).
+    joined: usize,
+    done: Shared<BoxFuture<'static, Result<(), Error>>>,
+}
+
+/// One HTTP/2 connection.
+struct Conn {
+    send: http2::SendRequest<Full<Bytes>>,
+    /// Streams started here by this pool and not yet finished.
+    streams: AtomicUsize,
+    /// The peer's `SETTINGS_MAX_CONCURRENT_STREAMS`, kept current by the connection's task.
+    max_streams: AtomicUsize,
+    /// Set by the connection's task when the connection has ended.
+    ended: AtomicBool,
+    /// Milliseconds since [`Pool::epoch`] when `streams` last dropped to 0.
+    idle_since_ms: AtomicU64,
+}
+
+impl Conn {
+    fn is_open(&self) -> bool {
+        !self.ended.load(Ordering::Acquire) && !self.send.is_closed()
+    }
+
+    /// Takes a stream if the peer allows one more.
+    fn try_take(&self) -> bool {
+        let max = self.max_streams.load(Ordering::Acquire);
+        self.is_open()
+            && self
+                .streams
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .is_ok()
+    }
+}
+
+/// A stream taken on a connection; the stream count drops when this does (when the response
+/// body is finished or dropped).
+pub struct StreamSlot {
+    conn: Arc<Conn>,
+    epoch: Instant,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.conn
+                .idle_since_ms
+                .store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
+        }
+    }
+}
+
+impl Pool {
+    pub fn new(connector: HttpsConnector<HttpConnector>, settings: Settings) -> Pool {
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .initial_max_send_streams(ASSUMED_STREAMS);
+        Pool {
+            origins: Mutex::default(),
+            connector,
+            builder,
+            settings,
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Sends `req` (an absolute URI) on a connection with a free stream, opening one if every
+    /// connection is full.
+    pub async fn send(
+        &self,
+        mut req: Request<Full<Bytes>>,
+    ) -> Result<Response<(Incoming, StreamSlot)>, SendError> {
+        let Some(origin) = Origin::of(req.uri()) else {
+            return Err(SendError::Failed(Error::Connect {
+                origin: req.uri().to_string(),
+                reason: Arc::from("the URI has no scheme or authority"),
+            }));
+        };
+        let conns = self.conns(origin);
+        // A connection that went away between choosing it and sending hands the request
+        // back; it is sent once more, on another connection.
+        for _ in 0..2 {
+            let slot = match self.take_stream(&conns).await {
+                Ok(slot) => slot,
+                Err(Error::NotHttp2 { .. }) => return Err(SendError::NotHttp2(Box::new(req))),
+                Err(e) => return Err(SendError::Failed(e)),
+            };
+            let mut send = slot.conn.send.clone();
+            match send.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(|body| (body, slot))),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => {
+                        debug!(origin = %conns.origin, error = %e.error(), "HTTP/2 connection unusable; sending on another");
+                        slot.conn.ended.store(true, Ordering::Release);
+                        req = unsent;
+                    }
+                    None => {
+                        return Err(SendError::Failed(Error::Request {
+                            origin: conns.origin.to_string(),
+                            source: Arc::new(e.into_error()),
+                        }))
+                    }
+                },
+            }
+        }
+        Err(SendError::Failed(Error::NoStream {
+            origin: conns.origin.to_string(),
+        }))
+    }
+
+    fn conns(&self, origin: Origin) -> Arc<OriginConns> {
+        let mut origins = self.origins.lock();
+        origins
+            .entry(origin)
+            .or_insert_with_key(|origin| {
+                Arc::new(OriginConns {
+                    origin: origin.clone(),
+                    state: Mutex::default(),
+                })
+            })
+            .clone()
+    }
+
+    async fn take_stream(&self, conns: &Arc<OriginConns>) -> Result<StreamSlot, Error> {
+        for _ in 0..MAX_OPENINGS_PER_REQUEST {
+            let done = {
+                let mut state = conns.state.lock();
+                let now_ms = self.epoch.elapsed().as_millis() as u64;
+                let idle_ms = self.settings.idle_timeout.as_millis() as u64;
+                state.conns.retain(|c| {
+                    c.is_open()
+                        && !(c.streams.load(Ordering::Acquire) == 0
+                            && now_ms.saturating_sub(c.idle_since_ms.load(Ordering::Acquire))
+                                >= idle_ms)
+                });
+                if let Some(conn) = state.conns.iter().find(|c| c.try_take()) {
+                    return Ok(StreamSlot {
+                        conn: conn.clone(),
+                        epoch: self.epoch,
+                    });
+                }
+                match state
+                    .openings
+                    .iter_mut()
+                    .find(|o| o.joined < ASSUMED_STREAMS)
+                {
+                    Some(opening) => {
+                        opening.joined += 1;
+                        opening.done.clone()
+                    }
+                    None => {
+                        let id = state.next_opening;
+                        state.next_opening += 1;
+                        let done = self.open(conns.clone(), id);
+                        state.openings.push(Opening {
+                            id,
+                            joined: 1,
+                            done: done.clone(),
+                        });
+                        done
+                    }
+                }
+            };
+            done.await?;
+        }
+        Err(Error::NoStream {
+            origin: conns.origin.to_string(),
+        })
+    }
+
+    /// Opens a connection in a task of its own (so it completes even if every request that
+    /// waits for it is cancelled), adds it to `conns` and ends opening `id`.
+    fn open(
+        &self,
+        conns: Arc<OriginConns>,
+        id: u64,
+    ) -> Shared<BoxFuture<'static, Result<(), Error>>> {
+        let mut connector = self.connector.clone();
+        let builder = self.builder.clone();
+        let (timeout, epoch) = (self.settings.connect_timeout, self.epoch);
+        let task = tokio::spawn(async move {
+            let origin = conns.origin.clone();
+            let connected = tokio::time::timeout(timeout, async {
+                poll_fn(|cx| connector.poll_ready(cx))
+                    .await
+                    .map_err(|e| connect_error(&origin, &*e))?;
+                let io = connector
+                    .call(origin.uri())
+                    .await
+                    .map_err(|e| connect_error(&origin, &*e))?;
+                if origin.is_https() && !io.connected().is_negotiated_h2() {
+                    return Err(Error::NotHttp2 {
+                        origin: origin.to_string(),
+                    });
+                }
+                builder
+                    .handshake(io)
+                    .await
+                    .map_err(|e| connect_error(&origin, &e))
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Connect {
+                    origin: origin.to_string(),
+                    reason: Arc::from(format!("not connected within {timeout:?}")),
+                })
+            });
+            let result = connected.map(|(send, connection)| {
+                let conn = Arc::new(Conn {
+                    send,
+                    streams: AtomicUsize::new(0),
+                    max_streams: AtomicUsize::new(connection.current_max_send_streams()),
+                    ended: AtomicBool::new(false),
+                    idle_since_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
+                });
+                tokio::spawn(drive(connection, conn.clone(), origin.clone()));
+                debug!(origin = %origin, "HTTP/2 connection opened");
+                conn
+            });
+            let mut state = conns.state.lock();
+            state.openings.retain(|o| o.id != id);
+            result.map(|conn| state.conns.push(conn))
+        });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(Error::Connect {
+                    origin: String::from("upstream"),
+                    reason: Arc::from(format!("the connecting task failed: {e}")),
+                })
+            })
+        }
+        .boxed()
+        .shared()
+    }
+}
+
+fn connect_error(origin: &Origin, e: &dyn std::error::Error) -> Error {
+    // The source chain says why (refused, DNS, certificate…); the origin has no key in it.
+    let mut reason = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        reason.push_str(": ");
+        reason.push_str(&s.to_string());
+        source = s.source();
+    }
+    Error::Connect {
+        origin: origin.to_string(),
+        reason: Arc::from(reason),
+    }
+}
+
+/// Runs a connection until it ends, publishing the peer's stream limit after every poll
+/// (a SETTINGS frame may change it at any time).
+async fn drive<C>(connection: C, conn: Arc<Conn>, origin: Origin)
+where
+    C: Future<Output = hyper::Result<()>> + MaxStreams,
+{
+    let mut connection = pin!(connection);
+    let ended = poll_fn(|cx| {
+        let polled = connection.as_mut().poll(cx);
+        conn.max_streams
+            .store(connection.max_send_streams(), Ordering::Release);
+        polled
+    })
+    .await;
+    conn.ended.store(true, Ordering::Release);
+    match ended {
+        Ok(()) => debug!(origin = %origin, "HTTP/2 connection closed"),
+        Err(e) => debug!(origin = %origin, error = %e, "HTTP/2 connection ended"),
+    }
+}
+
+/// The peer's current stream limit of a connection future (so [`drive`] needs no spelled-out
+/// hyper connection type).
+trait MaxStreams {
+    fn max_send_streams(&self) -> usize;
+}
+
+impl<T, E> MaxStreams for http2::Connection<T, Full<Bytes>, E>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    E: hyper::rt::bounds::Http2ClientConnExec<Full<Bytes>, T> + Unpin,
+{
+    fn max_send_streams(&self) -> usize {
+        self.current_max_send_streams()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_origin_is_shown_without_its_user_info() {
+        let uri: Uri = "https://user:sk-secret@api.example.com:8443/v1/chat"
+            .parse()
+            .unwrap();
+        let origin = Origin::of(&uri).unwrap();
+        assert_eq!(origin.to_string(), "https://api.example.com:8443");
+        assert_eq!(
+            Origin::of(&"http://127.0.0.1/x".parse().unwrap())
+                .unwrap()
+                .to_string(),
+            "http://127.0.0.1"
+        );
+        assert!(Origin::of(&"/relative".parse().unwrap()).is_none());
+    }
+}

@@ -1,0 +1,375 @@
+//! Which HTTP version airouter speaks to an upstream (`http_version`), and HTTP/2 connection
+//! pooling: streams past the peer's `SETTINGS_MAX_CONCURRENT_STREAMS` go on new
+//! connections instead of waiting for a stream to end.
+//!
+//! The upstream here is a real TLS server (rustls, a throwaway CA trusted through
+//! `SSL_CERT_FILE`) or plain TCP, serving HTTP/1.1 and HTTP/2 with hyper; it records every
+//! connection and the version of every request, and holds streams open until released.
+
+mod common;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use common::*;
+use futures::StreamExt;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::{body::Frame, Request, Response, Version};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use parking_lot::Mutex;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::{net::TcpListener, sync::watch};
+
+const KEY: &str = "sk-upstream-3c9e1f07";
+
+/// A throwaway CA and a certificate for 127.0.0.1 signed by it.
+struct Pki {
+    _dir: tempfile::TempDir,
+    ca_file: String,
+    cert: CertificateDer<'static>,
+    key: Vec<u8>,
+}
+
+fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    Pki {
+        ca_file: ca_file.to_string_lossy().into_owned(),
+        _dir: dir,
+        cert: cert.der().clone(),
+        key: key.serialize_der(),
+    }
+}
+
+#[derive(Default)]
+struct Seen {
+    connections: usize,
+    versions: Vec<Version>,
+    open_streams: usize,
+    most_open_streams: usize,
+}
+
+/// The test's upstream provider.
+struct Upstream {
+    addr: SocketAddr,
+    tls: bool,
+    seen: Arc<Mutex<Seen>>,
+    release: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    /// `alpn`: `None` for plain TCP, else TLS offering these protocols.
+    async fn start(pki: Option<&Pki>, alpn: &[&[u8]], h2_max_streams: u32) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = pki.map(|pki| {
+            let mut config = rustls::ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![pki.cert.clone()],
+                    PrivateKeyDer::Pkcs8(pki.key.clone().into()),
+                )
+                .unwrap();
+            config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        });
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let (release, released) = watch::channel(false);
+        let (tls, seen2) = (acceptor.is_some(), seen.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                seen2.lock().connections += 1;
+                let (acceptor, seen, released) =
+                    (acceptor.clone(), seen2.clone(), released.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        handle(req, seen.clone(), released.clone())
+                    });
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    builder.http2().max_concurrent_streams(h2_max_streams);
+                    match acceptor {
+                        Some(acceptor) => {
+                            if let Ok(tls) = acceptor.accept(tcp).await {
+                                let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+                        }
+                    }
+                });
+            }
+        });
+        Upstream {
+            addr,
+            tls,
+            seen,
+            release,
+            task,
+        }
+    }
+
+    fn base_url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    fn versions(&self) -> Vec<Version> {
+        self.seen.lock().versions.clone()
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+const CHUNK: &str = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n";
+const USAGE: &str = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\n\n";
+
+/// A completion, or a stream that sends one chunk at once and the rest once released.
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    seen: Arc<Mutex<Seen>>,
+    mut released: watch::Receiver<bool>,
+) -> Result<Response<Body>, Infallible> {
+    seen.lock().versions.push(req.version());
+    let authorized = req
+        .headers()
+        .get("authorization")
+        .is_some_and(|v| v == format!("Bearer {KEY}").as_str());
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    if !authorized {
+        return Ok(Response::builder()
+            .status(401)
+            .body(Full::new(Bytes::from_static(b"{}")).boxed())
+            .unwrap());
+    }
+    if !String::from_utf8_lossy(&body).contains("\"stream\":true") {
+        let completion = r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        return Ok(Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(completion.as_bytes())).boxed())
+            .unwrap());
+    }
+    {
+        let mut s = seen.lock();
+        s.open_streams += 1;
+        s.most_open_streams = s.most_open_streams.max(s.open_streams);
+    }
+    let stream =
+        futures::stream::once(async { Ok(Frame::data(Bytes::from_static(CHUNK.as_bytes()))) })
+            .chain(futures::stream::once(async move {
+                let _ = released.wait_for(|r| *r).await;
+                seen.lock().open_streams -= 1;
+                Ok(Frame::data(Bytes::from(format!("{USAGE}data: [DONE]\n\n"))))
+            }));
+    Ok(Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap())
+}
+
+fn config(items: &[String]) -> String {
+    server_yaml(1, &["request_timeout: 20s"]) + &creds_yaml(items)
+}
+
+fn upstream_cred(name: &str, up: &Upstream, http_version: Option<&str>) -> String {
+    let extra: Vec<String> = http_version
+        .map(|v| vec![format!("http_version: {v}")])
+        .unwrap_or_default();
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    cred(name, "openai", KEY, &up.base_url(), &extra)
+}
+
+async fn start_router(yaml: &str, pki: &Pki) -> Router {
+    Router::start_with(
+        yaml,
+        StartOpts::default().env("SSL_CERT_FILE", &pki.ca_file),
+    )
+    .await
+}
+
+/// Starts a stream (asking for usage) and reads it to its first content chunk; the response
+/// is kept to finish later.
+async fn first_chunk(router: &Router) -> reqwest::Response {
+    let body = serde_json::json!({
+        "model": "m", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "hello"}],
+    });
+    let mut resp = router.post("/v1/chat/completions", &body).await;
+    assert_eq!(resp.status().as_u16(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("\"content\":\"hi\"") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(left, resp.chunk())
+            .await
+            .expect("no first chunk within 10 s: the stream is queued behind others")
+            .unwrap()
+            .expect("stream ended before its first chunk");
+        got.extend_from_slice(&chunk);
+    }
+    resp
+}
+
+async fn rest(resp: reqwest::Response) -> String {
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.text())
+        .await
+        .expect("stream did not finish within 10 s")
+        .unwrap();
+    assert!(body.contains("[DONE]"), "{body}");
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_streams_past_the_peers_stream_limit_go_on_new_connections() {
+    let pki = pki();
+    // The provider allows 4 streams per connection; 10 streams are held open at once.
+    let up = Upstream::start(Some(&pki), &[b"h2", b"http/1.1"], 4).await;
+    let router = start_router(&config(&[upstream_cred("a", &up, None)]), &pki).await;
+    let mut open = Vec::new();
+    for _ in 0..10 {
+        open.push(first_chunk(&router).await);
+    }
+    {
+        let seen = up.seen.lock();
+        assert_eq!(seen.most_open_streams, 10, "every stream is open at once");
+        assert!(
+            (3..=4).contains(&seen.connections),
+            "10 streams at 4 per connection take 3 connections (one more if a probe raced), got {}",
+            seen.connections
+        );
+        assert!(
+            seen.versions.iter().all(|v| *v == Version::HTTP_2),
+            "{:?}",
+            seen.versions
+        );
+    }
+    up.release.send(true).unwrap();
+    for resp in open {
+        rest(resp).await;
+    }
+    // Finished streams free their slots: the next requests reuse the open connections.
+    let connections = up.seen.lock().connections;
+    for _ in 0..6 {
+        assert_eq!(router.chat_status("m").await, 200);
+    }
+    assert_eq!(up.seen.lock().connections, connections);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_speaks_http1_to_an_https_upstream_without_h2_in_alpn() {
+    let pki = pki();
+    let up = Upstream::start(Some(&pki), &[b"http/1.1"], 100).await;
+    let router = start_router(&config(&[upstream_cred("a", &up, None)]), &pki).await;
+    for _ in 0..3 {
+        let resp = router.chat("m").await;
+        assert_eq!(resp.status().as_u16(), 200);
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["usage"]["total_tokens"], 7);
+    }
+    let resp = first_chunk(&router).await;
+    up.release.send(true).unwrap();
+    assert!(rest(resp).await.contains("\"total_tokens\":7"));
+    assert!(
+        up.versions().iter().all(|v| *v == Version::HTTP_11),
+        "{:?}",
+        up.versions()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_is_spoken_when_asked_even_if_h2_is_offered() {
+    let pki = pki();
+    let up = Upstream::start(Some(&pki), &[b"h2", b"http/1.1"], 100).await;
+    let router = start_router(&config(&[upstream_cred("a", &up, Some("http1"))]), &pki).await;
+    assert_eq!(router.chat_status("m").await, 200);
+    assert_eq!(up.versions(), [Version::HTTP_11]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_over_plain_http_is_h2c_with_prior_knowledge() {
+    let pki = pki();
+    let up = Upstream::start(None, &[], 2).await;
+    let router = start_router(&config(&[upstream_cred("a", &up, Some("http2"))]), &pki).await;
+    let mut open = Vec::new();
+    for _ in 0..5 {
+        open.push(first_chunk(&router).await);
+    }
+    up.release.send(true).unwrap();
+    for resp in open {
+        assert!(rest(resp).await.contains("\"total_tokens\":7"));
+    }
+    let seen = up.seen.lock();
+    assert!(seen.versions.iter().all(|v| *v == Version::HTTP_2));
+    assert_eq!(seen.connections, 3, "5 held streams at 2 per connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_required_but_refused_fails_over_to_the_next_credential() {
+    let pki = pki();
+    let h1_only = Upstream::start(Some(&pki), &[b"http/1.1"], 100).await;
+    let good = Upstream::start(None, &[], 100).await;
+    let yaml = config(&[
+        upstream_cred("needs-h2", &h1_only, Some("http2")),
+        upstream_cred("plain", &good, None),
+    ]);
+    let router = start_router(&yaml, &pki).await;
+    for _ in 0..2 {
+        assert_eq!(router.chat_status("m").await, 200);
+    }
+    assert!(h1_only.versions().is_empty(), "no request reached it");
+    assert!(!good.versions().is_empty());
+    let logs = router.logs();
+    assert!(
+        logs.contains("did not agree to HTTP/2"),
+        "the log says why: {logs}"
+    );
+    assert!(!logs.contains(KEY), "no key in the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_ssl_cert_file_is_reported_and_the_builtin_roots_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let bogus = dir.path().join("not-a-ca.pem");
+    std::fs::write(&bogus, "not a certificate\n").unwrap();
+    let yaml = server_yaml(0, &[]) + "credentials:\n  - name: m\n    type: mock\n";
+    let router = Router::start_with(
+        &yaml,
+        StartOpts::default().env("SSL_CERT_FILE", &bogus.to_string_lossy()),
+    )
+    .await;
+    assert_eq!(router.chat_status("gpt-4o-mini").await, 200);
+    let logs = router.logs();
+    assert!(
+        logs.contains("SSL_CERT_FILE not used") && logs.contains("not-a-ca.pem"),
+        "{logs}"
+    );
+}
