@@ -63,6 +63,7 @@ fn pki() -> Pki {
 #[derive(Default)]
 struct Seen {
     connections: usize,
+    closed: usize,
     versions: Vec<Version>,
     open_streams: usize,
     most_open_streams: usize,
@@ -110,6 +111,7 @@ impl Upstream {
                 seen2.lock().connections += 1;
                 let (acceptor, seen, released) =
                     (acceptor.clone(), seen2.clone(), released.clone());
+                let closed = seen.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         handle(req, seen.clone(), released.clone())
@@ -126,6 +128,7 @@ impl Upstream {
                             let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
                         }
                     }
+                    closed.lock().closed += 1;
                 });
             }
         });
@@ -197,7 +200,7 @@ async fn handle(
 }
 
 fn config(items: &[String]) -> String {
-    server_yaml(1, &["request_timeout: 20s"]) + &creds_yaml(items)
+    server_yaml(1, &["request_timeout: 20s", "idle_conn_timeout: 1s"]) + &creds_yaml(items)
 }
 
 fn upstream_cred(name: &str, up: &Upstream, http_version: Option<&str>) -> String {
@@ -327,9 +330,26 @@ async fn http2_over_plain_http_is_h2c_with_prior_knowledge() {
     for resp in open {
         assert!(rest(resp).await.contains("\"total_tokens\":7"));
     }
-    let seen = up.seen.lock();
-    assert!(seen.versions.iter().all(|v| *v == Version::HTTP_2));
-    assert_eq!(seen.connections, 3, "5 held streams at 2 per connection");
+    {
+        let seen = up.seen.lock();
+        assert!(seen.versions.iter().all(|v| *v == Version::HTTP_2));
+        assert_eq!(seen.connections, 3, "5 held streams at 2 per connection");
+    }
+    // idle_conn_timeout is 1 s: the idle connections are closed (bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.seen.lock().closed < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        up.seen.lock().closed,
+        3,
+        "idle HTTP/2 connections are closed"
+    );
+    assert_eq!(
+        router.chat_status("m").await,
+        200,
+        "and a new one opens on demand"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

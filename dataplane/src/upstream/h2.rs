@@ -127,7 +127,10 @@ pub struct Settings {
 
 /// HTTP/2 connections by origin.
 pub struct Pool {
-    origins: Mutex<FastMap<Origin, Arc<OriginConns>>>,
+    origins: Arc<Mutex<FastMap<Origin, Arc<OriginConns>>>>,
+    /// Set once the task that closes idle connections runs (started by the first request,
+    /// which is on the runtime).
+    sweeping: std::sync::Once,
     /// TLS with ALPN `h2` and `http/1.1` (so an `auto` origin that lacks h2 can say so), or
     /// plain TCP for `http` origins (prior knowledge).
     connector: HttpsConnector<HttpConnector>,
@@ -141,6 +144,21 @@ pub struct Pool {
 struct OriginConns {
     origin: Origin,
     state: Mutex<State>,
+}
+
+impl OriginConns {
+    /// Forgets connections that ended, and closes those idle for `idle_ms` (dropping the last
+    /// handle of a connection ends it). Whether anything is left here.
+    fn prune(&self, now_ms: u64, idle_ms: u64) -> bool {
+        let mut state = self.state.lock();
+        state.conns.retain(|c| {
+            c.is_open()
+                && !(c.state.streams.load(Ordering::Acquire) == 0
+                    && now_ms.saturating_sub(c.state.idle_since_ms.load(Ordering::Acquire))
+                        >= idle_ms)
+        });
+        !(state.conns.is_empty() && state.openings.is_empty())
+    }
 }
 
 #[derive(Default)]
@@ -161,6 +179,12 @@ struct Opening {
 /// One HTTP/2 connection.
 struct Conn {
     send: http2::SendRequest<Full<Bytes>>,
+    /// Shared with the connection's task, which must not hold `send`: the connection ends
+    /// when the pool drops its last handle.
+    state: Arc<ConnState>,
+}
+
+struct ConnState {
     /// Streams started here by this pool and not yet finished.
     streams: AtomicUsize,
     /// The peer's `SETTINGS_MAX_CONCURRENT_STREAMS`, kept current by the connection's task.
@@ -173,14 +197,15 @@ struct Conn {
 
 impl Conn {
     fn is_open(&self) -> bool {
-        !self.ended.load(Ordering::Acquire) && !self.send.is_closed()
+        !self.state.ended.load(Ordering::Acquire) && !self.send.is_closed()
     }
 
     /// Takes a stream if the peer allows one more.
     fn try_take(&self) -> bool {
-        let max = self.max_streams.load(Ordering::Acquire);
+        let max = self.state.max_streams.load(Ordering::Acquire);
         self.is_open()
             && self
+                .state
                 .streams
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                     (n < max).then_some(n + 1)
@@ -198,8 +223,9 @@ pub struct StreamSlot {
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.conn
+        let state = &self.conn.state;
+        if state.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            state
                 .idle_since_ms
                 .store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
         }
@@ -213,7 +239,8 @@ impl Pool {
             .timer(TokioTimer::new())
             .initial_max_send_streams(ASSUMED_STREAMS);
         Pool {
-            origins: Mutex::default(),
+            origins: Arc::default(),
+            sweeping: std::sync::Once::new(),
             connector,
             builder,
             settings,
@@ -248,7 +275,7 @@ impl Pool {
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => {
                         debug!(origin = %conns.origin, error = %e.error(), "HTTP/2 connection unusable; sending on another");
-                        slot.conn.ended.store(true, Ordering::Release);
+                        slot.conn.state.ended.store(true, Ordering::Release);
                         req = unsent;
                     }
                     None => {
@@ -266,6 +293,13 @@ impl Pool {
     }
 
     fn conns(&self, origin: Origin) -> Arc<OriginConns> {
+        self.sweeping.call_once(|| {
+            tokio::spawn(sweep(
+                Arc::downgrade(&self.origins),
+                self.epoch,
+                self.settings.idle_timeout,
+            ));
+        });
         let mut origins = self.origins.lock();
         origins
             .entry(origin)
@@ -281,15 +315,11 @@ impl Pool {
     async fn take_stream(&self, conns: &Arc<OriginConns>) -> Result<StreamSlot, Error> {
         for _ in 0..MAX_OPENINGS_PER_REQUEST {
             let done = {
+                conns.prune(
+                    self.epoch.elapsed().as_millis() as u64,
+                    self.settings.idle_timeout.as_millis() as u64,
+                );
                 let mut state = conns.state.lock();
-                let now_ms = self.epoch.elapsed().as_millis() as u64;
-                let idle_ms = self.settings.idle_timeout.as_millis() as u64;
-                state.conns.retain(|c| {
-                    c.is_open()
-                        && !(c.streams.load(Ordering::Acquire) == 0
-                            && now_ms.saturating_sub(c.idle_since_ms.load(Ordering::Acquire))
-                                >= idle_ms)
-                });
                 if let Some(conn) = state.conns.iter().find(|c| c.try_take()) {
                     return Ok(StreamSlot {
                         conn: conn.clone(),
@@ -363,14 +393,14 @@ impl Pool {
                 })
             });
             let result = connected.map(|(send, connection)| {
-                let conn = Arc::new(Conn {
-                    send,
+                let state = Arc::new(ConnState {
                     streams: AtomicUsize::new(0),
                     max_streams: AtomicUsize::new(connection.current_max_send_streams()),
                     ended: AtomicBool::new(false),
                     idle_since_ms: AtomicU64::new(epoch.elapsed().as_millis() as u64),
                 });
-                tokio::spawn(drive(connection, conn.clone(), origin.clone()));
+                tokio::spawn(drive(connection, state.clone(), origin.clone()));
+                let conn = Arc::new(Conn { send, state });
                 debug!(origin = %origin, "HTTP/2 connection opened");
                 conn
             });
@@ -391,6 +421,29 @@ impl Pool {
     }
 }
 
+/// Every half idle timeout (at least every second): closes idle connections and forgets
+/// origins with nothing left (a config change may have removed their credentials). Ends
+/// with the pool.
+async fn sweep(
+    origins: std::sync::Weak<Mutex<FastMap<Origin, Arc<OriginConns>>>>,
+    epoch: Instant,
+    idle_timeout: Duration,
+) {
+    let idle_ms = idle_timeout.as_millis() as u64;
+    let mut tick = tokio::time::interval((idle_timeout / 2).max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(origins) = origins.upgrade() else {
+            return;
+        };
+        let now_ms = epoch.elapsed().as_millis() as u64;
+        origins
+            .lock()
+            .retain(|_, conns| conns.prune(now_ms, idle_ms));
+    }
+}
+
 fn connect_error(origin: &Origin, e: &dyn std::error::Error) -> Error {
     // The source chain says why (refused, DNS, certificate…); the origin has no key in it.
     let mut reason = e.to_string();
@@ -408,19 +461,20 @@ fn connect_error(origin: &Origin, e: &dyn std::error::Error) -> Error {
 
 /// Runs a connection until it ends, publishing the peer's stream limit after every poll
 /// (a SETTINGS frame may change it at any time).
-async fn drive<C>(connection: C, conn: Arc<Conn>, origin: Origin)
+async fn drive<C>(connection: C, state: Arc<ConnState>, origin: Origin)
 where
     C: Future<Output = hyper::Result<()>> + MaxStreams,
 {
     let mut connection = pin!(connection);
     let ended = poll_fn(|cx| {
         let polled = connection.as_mut().poll(cx);
-        conn.max_streams
+        state
+            .max_streams
             .store(connection.max_send_streams(), Ordering::Release);
         polled
     })
     .await;
-    conn.ended.store(true, Ordering::Release);
+    state.ended.store(true, Ordering::Release);
     match ended {
         Ok(()) => debug!(origin = %origin, "HTTP/2 connection closed"),
         Err(e) => debug!(origin = %origin, error = %e, "HTTP/2 connection ended"),
