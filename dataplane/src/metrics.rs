@@ -17,7 +17,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{runtime::Runtime, FastMap};
+use crate::{runtime::Runtime, upstream::Http2Origin, FastMap};
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
@@ -69,6 +69,11 @@ pub struct TokenLabels {
     pub credential: String,
     pub model: String,
     pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginLabel {
+    pub origin: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -162,6 +167,8 @@ pub struct Metrics {
     bans: Family<CredModelCode, Counter>,
     config_reloads: Family<ReloadLabels, Counter>,
     config_info: Family<HashLabel, Gauge>,
+    http2_connections: Family<OriginLabel, Gauge>,
+    http2_streams: Family<OriginLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -199,6 +206,8 @@ impl Metrics {
             bans: Family::default(),
             config_reloads: Family::default(),
             config_info: Family::default(),
+            http2_connections: Family::default(),
+            http2_streams: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -297,6 +306,16 @@ impl Metrics {
             "airouter_config_info",
             "The running config's content hash (value 1)",
             m.config_info.clone(),
+        );
+        r.register(
+            "airouter_upstream_http2_connections",
+            "Open HTTP/2 connections to each upstream origin",
+            m.http2_connections.clone(),
+        );
+        r.register(
+            "airouter_upstream_http2_streams",
+            "Streams in flight on the HTTP/2 connections to each upstream origin",
+            m.http2_streams.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -502,9 +521,22 @@ impl Metrics {
     }
 
     /// Refreshes state gauges from `rt` and encodes everything.
-    pub fn render(&self, rt: &Runtime) -> String {
+    pub fn render(&self, rt: &Runtime, http2: &[Http2Origin]) -> String {
         let _guard = self.scrape.lock();
         let now = Instant::now();
+        self.http2_connections.clear();
+        self.http2_streams.clear();
+        for o in http2 {
+            let label = OriginLabel {
+                origin: o.origin.clone(),
+            };
+            self.http2_connections
+                .get_or_create(&label)
+                .set(o.connections as i64);
+            self.http2_streams
+                .get_or_create(&label)
+                .set(o.streams as i64);
+        }
         for family in [
             &self.credential_rpm,
             &self.credential_tpm,
@@ -570,7 +602,10 @@ mod tests {
         )
         .unwrap()
         .config;
-        let text = m.render(&Runtime::compile(config, Arc::new(Registry::default())));
+        let text = m.render(
+            &Runtime::compile(config, Arc::new(Registry::default())),
+            &[],
+        );
         let exhausted: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with("airouter_exhausted_total{"))

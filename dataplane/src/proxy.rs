@@ -86,7 +86,9 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<RespBody>
 }
 
 pub fn metrics_response(app: &App, rt: &Runtime) -> Response<RespBody> {
-    let mut resp = Response::new(full(app.metrics.render(rt)));
+    let mut resp = Response::new(full(
+        app.metrics.render(rt, &app.client.http2_connections()),
+    ));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(metrics::CONTENT_TYPE),

@@ -200,7 +200,18 @@ async fn handle(
 }
 
 fn config(items: &[String]) -> String {
-    server_yaml(1, &["request_timeout: 20s", "idle_conn_timeout: 1s"]) + &creds_yaml(items)
+    server_yaml(1, &["request_timeout: 20s", "idle_conn_timeout: 1s"])
+        + "monitoring:\n  prometheus_enabled: true\n"
+        + &creds_yaml(items)
+}
+
+/// The value of the sample `name{origin="<origin>"}` in `/metrics`.
+async fn origin_gauge(router: &Router, name: &str, origin: &str) -> Option<f64> {
+    let text = router.get("/metrics").await.text().await.unwrap();
+    let prefix = format!("{name}{{origin=\"{origin}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
 }
 
 fn upstream_cred(name: &str, up: &Upstream, http_version: Option<&str>) -> String {
@@ -275,10 +286,30 @@ async fn https_streams_past_the_peers_stream_limit_go_on_new_connections() {
             seen.versions
         );
     }
+    let origin = up.base_url();
+    let connections = up.seen.lock().connections as f64;
+    assert_eq!(
+        origin_gauge(&router, "airouter_upstream_http2_connections", &origin).await,
+        Some(connections)
+    );
+    assert_eq!(
+        origin_gauge(&router, "airouter_upstream_http2_streams", &origin).await,
+        Some(10.0)
+    );
     up.release.send(true).unwrap();
     for resp in open {
         rest(resp).await;
     }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut streams = None;
+    while Instant::now() < deadline {
+        streams = origin_gauge(&router, "airouter_upstream_http2_streams", &origin).await;
+        if streams == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(streams, Some(0.0), "finished streams are counted out");
     // Finished streams free their slots: the next requests reuse the open connections.
     let connections = up.seen.lock().connections;
     for _ in 0..6 {

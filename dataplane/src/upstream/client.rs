@@ -30,7 +30,7 @@ use rustls::{
 };
 use tracing::{info, warn};
 
-use super::h2::{self, Origin, SendError, StreamSlot};
+use super::h2::{self, Http2Origin, Origin, SendError, StreamSlot};
 use crate::config::{HttpVersion, ServerConfig};
 
 /// Connecting gives up after this when `server.request_timeout` is unlimited.
@@ -124,6 +124,11 @@ impl Client {
             .into()),
             Err(SendError::Failed(e)) => Err(e.into()),
         }
+    }
+
+    /// The HTTP/2 connections by origin.
+    pub fn http2_connections(&self) -> Vec<Http2Origin> {
+        self.inner.h2.snapshot()
     }
 
     async fn http1(&self, req: Request<Full<Bytes>>) -> Result<Response<ResponseBody>, Error> {

@@ -109,6 +109,15 @@ pub enum Error {
     },
 }
 
+/// One origin's HTTP/2 connections, as `/metrics` shows them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Http2Origin {
+    /// `scheme://host[:port]`.
+    pub origin: String,
+    pub connections: usize,
+    pub streams: usize,
+}
+
 /// What [`Pool::send`] gives back when it did not send the request.
 pub enum SendError {
     /// `https` origin without HTTP/2 in ALPN: the request, unsent, for HTTP/1.1.
@@ -290,6 +299,25 @@ impl Pool {
         Err(SendError::Failed(Error::NoStream {
             origin: conns.origin.to_string(),
         }))
+    }
+
+    /// Open connections and streams in flight, by origin (for `/metrics`).
+    pub fn snapshot(&self) -> Vec<Http2Origin> {
+        let origins = self.origins.lock();
+        let mut out: Vec<Http2Origin> = origins
+            .values()
+            .map(|o| {
+                let state = o.state.lock();
+                let open = state.conns.iter().filter(|c| c.is_open());
+                Http2Origin {
+                    origin: o.origin.to_string(),
+                    connections: open.clone().count(),
+                    streams: open.map(|c| c.state.streams.load(Ordering::Acquire)).sum(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.origin.cmp(&b.origin));
+        out
     }
 
     fn conns(&self, origin: Origin) -> Arc<OriginConns> {

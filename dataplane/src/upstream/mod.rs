@@ -13,6 +13,7 @@ use http::{
 use http_body_util::Full;
 
 pub use client::{Client, Error, ResponseBody};
+pub use h2::Http2Origin;
 
 use crate::{config::CredentialType, runtime::Credential};
 
