@@ -102,6 +102,8 @@ pub enum Error {
     NotHttp2 { origin: String },
     #[error("no HTTP/2 stream free at {origin} after opening {MAX_OPENINGS_PER_REQUEST} connections for this request")]
     NoStream { origin: String },
+    #[error("{origin} closed two HTTP/2 connections before the request could be sent on either")]
+    Closing { origin: String },
     #[error("HTTP/2 request to {origin} failed: {source}")]
     Request {
         origin: String,
@@ -265,8 +267,8 @@ impl Pool {
     ) -> Result<Response<(Incoming, StreamSlot)>, SendError> {
         let Some(origin) = Origin::of(req.uri()) else {
             return Err(SendError::Failed(Error::Connect {
-                origin: req.uri().to_string(),
-                reason: Arc::from("the URI has no scheme or authority"),
+                origin: String::from("(none)"),
+                reason: Arc::from("the upstream URI has no scheme or authority"),
             }));
         };
         let conns = self.conns(origin);
@@ -296,7 +298,7 @@ impl Pool {
                 },
             }
         }
-        Err(SendError::Failed(Error::NoStream {
+        Err(SendError::Failed(Error::Closing {
             origin: conns.origin.to_string(),
         }))
     }
