@@ -15,6 +15,9 @@ use airouter::{
 use clap::{Parser, Subcommand};
 use tracing::{error, info, warn};
 
+/// mimalloc (built without transparent huge pages): its RSS stays flat across bursts of
+/// thousands of connections, where glibc's grows with fragmentation (`bench/NOTES.md`,
+/// fourth round).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -171,8 +174,8 @@ fn run(path: &Path, log_format: LogFormat, listen_host: Option<String>) -> ExitC
         }
     };
     // On a worker thread, not the main one: connection state is then allocated (and freed)
-    // by the threads that use it, in the same malloc arenas, instead of split between
-    // the main thread's arena (accept, spawn) and the workers'.
+    // by the threads that use it, in their own allocator heaps, instead of split between the
+    // main thread's (accept, spawn) and the workers'.
     let served = runtime.block_on(async move {
         tokio::spawn(serve(loaded.config, path.to_path_buf(), listen_host))
             .await
