@@ -21,6 +21,7 @@ pub mod json;
 /// A hash map for the request path: `ahash` is several times faster than SipHash on short
 /// keys and still seeded per process, so client-chosen model names cannot force collisions.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+pub type FastSet<T> = std::collections::HashSet<T, ahash::RandomState>;
 
 pub mod limit;
 pub mod metrics;

@@ -5,7 +5,6 @@
 //! HTTP/1.1 to the rest, remembering the origins that do not.
 
 use std::{
-    collections::HashSet,
     path::Path,
     pin::Pin,
     sync::Arc,
@@ -31,7 +30,10 @@ use rustls::{
 use tracing::{info, warn};
 
 use super::h2::{self, Http2Origin, Origin, SendError, StreamSlot};
-use crate::config::{HttpVersion, ServerConfig};
+use crate::{
+    config::{HttpVersion, ServerConfig},
+    FastSet,
+};
 
 /// Connecting gives up after this when `server.request_timeout` is unlimited.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,15 +49,29 @@ struct Inner {
     http1: legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     h2: h2::Pool,
     /// `https` origins of `auto` credentials whose TLS handshake did not choose `h2`.
-    http1_only: RwLock<HashSet<Origin, ahash::RandomState>>,
+    http1_only: RwLock<FastSet<Origin>>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(transparent)]
+    /// With its causes: hyper-util's own message is only "client error (Connect)".
+    #[error("{}", chain(.0))]
     Http1(#[from] legacy::Error),
     #[error(transparent)]
     Http2(#[from] h2::Error),
+}
+
+/// `e` and every error under it, `: `-separated (refused, DNS, certificate…). Upstream
+/// errors name hosts, never keys.
+pub(super) fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 impl Client {
@@ -93,33 +109,29 @@ impl Client {
         version: HttpVersion,
         req: Request<Full<Bytes>>,
     ) -> Result<Response<ResponseBody>, Error> {
-        let https = req.uri().scheme() == Some(&http::uri::Scheme::HTTPS);
-        let http2 = match version {
-            HttpVersion::Http1 => false,
-            HttpVersion::Http2 => true,
-            HttpVersion::Auto => {
-                https
-                    && Origin::of(req.uri())
-                        .is_some_and(|o| !self.inner.http1_only.read().contains(&o))
-            }
+        // A URI without an origin cannot reach a validated config; hyper-util names it.
+        let origin = match (version, Origin::of(req.uri())) {
+            (HttpVersion::Http1, _) | (_, None) => None,
+            (HttpVersion::Http2, origin) => origin,
+            (HttpVersion::Auto, Some(origin)) => (origin.is_https()
+                && !self.inner.http1_only.read().contains(&origin))
+            .then_some(origin),
         };
-        if !http2 {
+        let Some(origin) = origin else {
             return self.http1(req).await;
-        }
-        match self.inner.h2.send(req).await {
+        };
+        match self.inner.h2.send(origin.clone(), req).await {
             Ok(resp) => Ok(resp.map(|(body, slot)| ResponseBody {
                 body,
                 _slot: Some(slot),
             })),
             Err(SendError::NotHttp2(req)) if version == HttpVersion::Auto => {
-                if let Some(origin) = Origin::of(req.uri()) {
-                    info!(origin = %origin, "upstream does not offer HTTP/2; using HTTP/1.1 for it");
-                    self.inner.http1_only.write().insert(origin);
-                }
+                info!(origin = %origin, "upstream does not offer HTTP/2; using HTTP/1.1 for it");
+                self.inner.http1_only.write().insert(origin);
                 self.http1(*req).await
             }
-            Err(SendError::NotHttp2(req)) => Err(h2::Error::NotHttp2 {
-                origin: Origin::of(req.uri()).map_or_else(String::new, |o| o.to_string()),
+            Err(SendError::NotHttp2(_)) => Err(h2::Error::NotHttp2 {
+                origin: origin.to_string(),
             }
             .into()),
             Err(SendError::Failed(e)) => Err(e.into()),

@@ -35,12 +35,13 @@ use http::{
 };
 use http_body_util::Full;
 use hyper::{body::Incoming, client::conn::http2};
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::{
-    client::legacy::connect::{Connection, HttpConnector},
-    rt::{TokioExecutor, TokioTimer},
+    client::legacy::connect::{Connection as _, HttpConnector},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
 };
 use parking_lot::Mutex;
+use tokio::net::TcpStream;
 use tower_service::Service;
 use tracing::debug;
 
@@ -68,7 +69,7 @@ impl Origin {
         })
     }
 
-    fn is_https(&self) -> bool {
+    pub fn is_https(&self) -> bool {
         self.scheme == Scheme::HTTPS
     }
 
@@ -98,9 +99,9 @@ impl fmt::Display for Origin {
 pub enum Error {
     #[error("cannot connect to {origin}: {reason}")]
     Connect { origin: String, reason: Arc<str> },
-    #[error("{origin} did not agree to HTTP/2 (TLS ALPN chose HTTP/1.1 or nothing)")]
+    #[error("{origin} did not agree to HTTP/2 (TLS ALPN chose HTTP/1.1 or nothing); set the credential's http_version to auto or http1")]
     NotHttp2 { origin: String },
-    #[error("no HTTP/2 stream free at {origin} after opening {MAX_OPENINGS_PER_REQUEST} connections for this request")]
+    #[error("no HTTP/2 stream free at {origin} after opening {MAX_OPENINGS_PER_REQUEST} connections for this request (it allows far fewer than {ASSUMED_STREAMS} streams per connection); set the credential's http_version to http1")]
     NoStream { origin: String },
     #[error("{origin} closed two HTTP/2 connections before the request could be sent on either")]
     Closing { origin: String },
@@ -259,18 +260,13 @@ impl Pool {
         }
     }
 
-    /// Sends `req` (an absolute URI) on a connection with a free stream, opening one if every
-    /// connection is full.
+    /// Sends `req` (an absolute URI of `origin`) on a connection with a free stream, opening
+    /// one if every connection is full.
     pub async fn send(
         &self,
+        origin: Origin,
         mut req: Request<Full<Bytes>>,
     ) -> Result<Response<(Incoming, StreamSlot)>, SendError> {
-        let Some(origin) = Origin::of(req.uri()) else {
-            return Err(SendError::Failed(Error::Connect {
-                origin: String::from("(none)"),
-                reason: Arc::from("the upstream URI has no scheme or authority"),
-            }));
-        };
         let conns = self.conns(origin);
         // A connection that went away between choosing it and sending hands the request
         // back; it is sent once more, on another connection.
@@ -344,11 +340,8 @@ impl Pool {
 
     async fn take_stream(&self, conns: &Arc<OriginConns>) -> Result<StreamSlot, Error> {
         for _ in 0..MAX_OPENINGS_PER_REQUEST {
+            // Ended connections are skipped by `try_take` and forgotten by the sweeper.
             let done = {
-                conns.prune(
-                    self.epoch.elapsed().as_millis() as u64,
-                    self.settings.idle_timeout.as_millis() as u64,
-                );
                 let mut state = conns.state.lock();
                 if let Some(conn) = state.conns.iter().find(|c| c.try_take()) {
                     return Ok(StreamSlot {
@@ -395,6 +388,7 @@ impl Pool {
         let mut connector = self.connector.clone();
         let builder = self.builder.clone();
         let (timeout, epoch) = (self.settings.connect_timeout, self.epoch);
+        let named = conns.origin.to_string();
         let task = tokio::spawn(async move {
             let origin = conns.origin.clone();
             let connected = tokio::time::timeout(timeout, async {
@@ -441,7 +435,7 @@ impl Pool {
         async move {
             task.await.unwrap_or_else(|e| {
                 Err(Error::Connect {
-                    origin: String::from("upstream"),
+                    origin: named,
                     reason: Arc::from(format!("the connecting task failed: {e}")),
                 })
             })
@@ -475,32 +469,25 @@ async fn sweep(
 }
 
 fn connect_error(origin: &Origin, e: &dyn std::error::Error) -> Error {
-    // The source chain says why (refused, DNS, certificate…); the origin has no key in it.
-    let mut reason = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        reason.push_str(": ");
-        reason.push_str(&s.to_string());
-        source = s.source();
-    }
     Error::Connect {
         origin: origin.to_string(),
-        reason: Arc::from(reason),
+        reason: Arc::from(super::client::chain(e)),
     }
 }
 
+/// A connection as the connector and hyper make it.
+type Connection =
+    http2::Connection<MaybeHttpsStream<TokioIo<TcpStream>>, Full<Bytes>, TokioExecutor>;
+
 /// Runs a connection until it ends, publishing the peer's stream limit after every poll
 /// (a SETTINGS frame may change it at any time).
-async fn drive<C>(connection: C, state: Arc<ConnState>, origin: Origin)
-where
-    C: Future<Output = hyper::Result<()>> + MaxStreams,
-{
+async fn drive(connection: Connection, state: Arc<ConnState>, origin: Origin) {
     let mut connection = pin!(connection);
     let ended = poll_fn(|cx| {
         let polled = connection.as_mut().poll(cx);
         state
             .max_streams
-            .store(connection.max_send_streams(), Ordering::Release);
+            .store(connection.current_max_send_streams(), Ordering::Release);
         polled
     })
     .await;
@@ -508,22 +495,6 @@ where
     match ended {
         Ok(()) => debug!(origin = %origin, "HTTP/2 connection closed"),
         Err(e) => debug!(origin = %origin, error = %e, "HTTP/2 connection ended"),
-    }
-}
-
-/// The peer's current stream limit of a connection future (so [`drive`] needs no spelled-out
-/// hyper connection type).
-trait MaxStreams {
-    fn max_send_streams(&self) -> usize;
-}
-
-impl<T, E> MaxStreams for http2::Connection<T, Full<Bytes>, E>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
-    E: hyper::rt::bounds::Http2ClientConnExec<Full<Bytes>, T> + Unpin,
-{
-    fn max_send_streams(&self) -> usize {
-        self.current_max_send_streams()
     }
 }
 
