@@ -1,5 +1,5 @@
-//! The upstream client every credential's requests go through: HTTP/1.1 over hyper-util's
-//! pooled client, HTTP/2 over [`h2::Pool`]. Which one is the credential's `http_version`:
+//! The upstream client every credential's requests go through: HTTP/1.1 over [`h1::Pool`],
+//! HTTP/2 over [`h2::Pool`]. Which one is the credential's `http_version`:
 //! `http1` and `http2` say it outright (`http2` on an `http` URL is h2c with prior
 //! knowledge); `auto` speaks HTTP/2 to `https` origins that offer it in TLS ALPN and
 //! HTTP/1.1 to the rest, remembering the origins that do not.
@@ -18,10 +18,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
-use hyper_util::{
-    client::legacy::{self, connect::HttpConnector},
-    rt::{TokioExecutor, TokioTimer},
-};
+use hyper_util::client::legacy::connect::HttpConnector;
 use parking_lot::RwLock;
 use rustls::{
     pki_types::{pem::PemObject, CertificateDer},
@@ -29,7 +26,11 @@ use rustls::{
 };
 use tracing::{info, warn};
 
-use super::h2::{self, Http2Origin, Origin, SendError, StreamSlot};
+use super::{
+    h1::{self, Lent},
+    h2::{self, Http2Origin, SendError, StreamSlot},
+    origin::Origin,
+};
 use crate::{
     config::{HttpVersion, ServerConfig},
     FastSet,
@@ -46,7 +47,7 @@ pub struct Client {
 
 struct Inner {
     /// TLS offers only `http/1.1` here: HTTP/2 goes through `h2`.
-    http1: legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http1: h1::Pool,
     h2: h2::Pool,
     /// `https` origins of `auto` credentials whose TLS handshake did not choose `h2`.
     http1_only: RwLock<FastSet<Origin>>,
@@ -54,11 +55,12 @@ struct Inner {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// With its causes: hyper-util's own message is only "client error (Connect)".
-    #[error("{}", chain(.0))]
-    Http1(#[from] legacy::Error),
+    #[error(transparent)]
+    Http1(#[from] h1::Error),
     #[error(transparent)]
     Http2(#[from] h2::Error),
+    #[error("upstream URI has no scheme or host")]
+    NoOrigin,
 }
 
 /// `e` and every error under it, `: `-separated (refused, DNS, certificate…). Upstream
@@ -81,12 +83,14 @@ impl Client {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let roots = roots(std::env::var_os(CA_FILE_VAR).as_deref().map(Path::new));
         let connect_timeout = server.request_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        let http1 = legacy::Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(server.idle_conn_timeout)
-            .pool_max_idle_per_host(server.max_idle_conns_per_host as usize)
-            .build(connector(&roots, connect_timeout, false));
+        let http1 = h1::Pool::new(
+            connector(&roots, connect_timeout, false),
+            h1::Settings {
+                idle_timeout: server.idle_conn_timeout,
+                max_idle_per_origin: server.max_idle_conns_per_host as usize,
+                connect_timeout,
+            },
+        );
         let h2 = h2::Pool::new(
             connector(&roots, connect_timeout, true),
             h2::Settings {
@@ -109,26 +113,27 @@ impl Client {
         version: HttpVersion,
         req: Request<Full<Bytes>>,
     ) -> Result<Response<ResponseBody>, Error> {
-        // A URI without an origin cannot reach a validated config; hyper-util names it.
-        let origin = match (version, Origin::of(req.uri())) {
-            (HttpVersion::Http1, _) | (_, None) => None,
-            (HttpVersion::Http2, origin) => origin,
-            (HttpVersion::Auto, Some(origin)) => (origin.is_https()
-                && !self.inner.http1_only.read().contains(&origin))
-            .then_some(origin),
+        // A URI without an origin cannot come from a validated config.
+        let origin = Origin::of(req.uri()).ok_or(Error::NoOrigin)?;
+        let http2 = match version {
+            HttpVersion::Http1 => false,
+            HttpVersion::Http2 => true,
+            HttpVersion::Auto => {
+                origin.is_https() && !self.inner.http1_only.read().contains(&origin)
+            }
         };
-        let Some(origin) = origin else {
-            return self.http1(req).await;
-        };
+        if !http2 {
+            return self.http1(origin, req).await;
+        }
         match self.inner.h2.send(origin.clone(), req).await {
             Ok(resp) => Ok(resp.map(|(body, slot)| ResponseBody {
                 body,
-                _slot: Some(slot),
+                conn: Conn::Http2(slot),
             })),
             Err(SendError::NotHttp2(req)) if version == HttpVersion::Auto => {
                 info!(origin = %origin, "upstream does not offer HTTP/2; using HTTP/1.1 for it");
-                self.inner.http1_only.write().insert(origin);
-                self.http1(*req).await
+                self.inner.http1_only.write().insert(origin.clone());
+                self.http1(origin, *req).await
             }
             Err(SendError::NotHttp2(_)) => Err(h2::Error::NotHttp2 {
                 origin: origin.to_string(),
@@ -143,9 +148,16 @@ impl Client {
         self.inner.h2.snapshot()
     }
 
-    async fn http1(&self, req: Request<Full<Bytes>>) -> Result<Response<ResponseBody>, Error> {
-        let resp = self.inner.http1.request(req).await?;
-        Ok(resp.map(|body| ResponseBody { body, _slot: None }))
+    async fn http1(
+        &self,
+        origin: Origin,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<ResponseBody>, Error> {
+        let resp = self.inner.http1.send(origin, req).await?;
+        Ok(resp.map(|(body, lent)| ResponseBody {
+            body,
+            conn: Conn::Http1(lent),
+        }))
     }
 }
 
@@ -211,11 +223,18 @@ fn roots(ca_file: Option<&Path>) -> RootCertStore {
     roots
 }
 
-/// An upstream response body; over HTTP/2 it holds its stream until it is finished or
-/// dropped.
+/// An upstream response body. It holds what it came on until it has ended or is dropped: an
+/// HTTP/1.1 connection (given back to the pool at the end, closed if dropped before), or an
+/// HTTP/2 stream.
 pub struct ResponseBody {
     body: Incoming,
-    _slot: Option<StreamSlot>,
+    conn: Conn,
+}
+
+enum Conn {
+    Http1(Lent),
+    /// Held, never read: dropping it frees the stream.
+    Http2(#[allow(dead_code)] StreamSlot),
 }
 
 impl Body for ResponseBody {
@@ -226,7 +245,19 @@ impl Body for ResponseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Conn::Http1(lent) = &mut this.conn {
+            let ended = match &polled {
+                Poll::Ready(None) => true,
+                Poll::Ready(Some(Ok(_))) => this.body.is_end_stream(),
+                _ => false,
+            };
+            if ended {
+                lent.finished();
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -14,7 +14,6 @@
 //! hyper until its streams end.
 
 use std::{
-    fmt,
     future::{poll_fn, Future},
     pin::pin,
     sync::{
@@ -29,10 +28,7 @@ use futures::{
     future::{BoxFuture, Shared},
     FutureExt,
 };
-use http::{
-    uri::{Authority, Scheme},
-    Request, Response, Uri,
-};
+use http::{Request, Response};
 use http_body_util::Full;
 use hyper::{body::Incoming, client::conn::http2};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
@@ -45,6 +41,7 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 use tracing::debug;
 
+use super::origin::Origin;
 use crate::FastMap;
 
 /// Streams a connection is assumed to take before its peer's SETTINGS arrive.
@@ -53,45 +50,6 @@ const ASSUMED_STREAMS: usize = 100;
 /// connection that was expected to have room for it; more than a few means the peer takes
 /// far fewer streams than assumed.
 const MAX_OPENINGS_PER_REQUEST: usize = 8;
-
-/// Where requests go: scheme and authority of the URI.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Origin {
-    scheme: Scheme,
-    authority: Authority,
-}
-
-impl Origin {
-    pub fn of(uri: &Uri) -> Option<Origin> {
-        Some(Origin {
-            scheme: uri.scheme()?.clone(),
-            authority: uri.authority()?.clone(),
-        })
-    }
-
-    pub fn is_https(&self) -> bool {
-        self.scheme == Scheme::HTTPS
-    }
-
-    fn uri(&self) -> Uri {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
-        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-        Uri::from_parts(parts).expect("scheme and authority make a URI")
-    }
-}
-
-/// `scheme://host[:port]`, never the user-info part of the authority (it may hold a key).
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}", self.scheme, self.authority.host())?;
-        match self.authority.port_u16() {
-            Some(port) => write!(f, ":{port}"),
-            None => Ok(()),
-        }
-    }
-}
 
 /// Why a request could not be sent over HTTP/2. Cloneable: one failed connection attempt is
 /// the answer for every request that waited for it.
@@ -495,26 +453,5 @@ async fn drive(connection: Connection, state: Arc<ConnState>, origin: Origin) {
     match ended {
         Ok(()) => debug!(origin = %origin, "HTTP/2 connection closed"),
         Err(e) => debug!(origin = %origin, error = %e, "HTTP/2 connection ended"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_origin_is_shown_without_its_user_info() {
-        let uri: Uri = "https://user:sk-secret@api.example.com:8443/v1/chat"
-            .parse()
-            .unwrap();
-        let origin = Origin::of(&uri).unwrap();
-        assert_eq!(origin.to_string(), "https://api.example.com:8443");
-        assert_eq!(
-            Origin::of(&"http://127.0.0.1/x".parse().unwrap())
-                .unwrap()
-                .to_string(),
-            "http://127.0.0.1"
-        );
-        assert!(Origin::of(&"/relative".parse().unwrap()).is_none());
     }
 }

@@ -2,7 +2,9 @@
 //! the client that sends it ([`Client`]: HTTP/1.1 and HTTP/2 connection pools).
 
 mod client;
+mod h1;
 mod h2;
+mod origin;
 
 use bytes::Bytes;
 use http::{
