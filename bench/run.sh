@@ -19,7 +19,7 @@ if [ -n "${BENCH_SMOKE:-}" ]; then
     # instead of bench/. Its figures mean nothing.
     echo "== smoke run: debug binaries, tiny counts"
     cargo build -p airouter -p airouter-bench
-    export BENCH_BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/debug" BENCH_RUNS=1 BENCH_DURATION=1s \
+    export BENCH_BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/debug" BENCH_RUNS=1 BENCH_DURATION=1s BENCH_TP_PAIRS=2 BENCH_TP_PAIR_DURATION=1s \
         BENCH_LAT_REQUESTS=200 BENCH_STREAMS=40 BENCH_OPEN_STREAMS=200 BENCH_NO_LITELLM=1 BENCH_NO_GO=1
     BENCH_OUT="${BENCH_OUT:-$(mktemp -d)}"
     export BENCH_OUT
