@@ -11,7 +11,7 @@
 
 use std::{
     future::poll_fn,
-    sync::{Arc, Weak},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -26,8 +26,10 @@ use parking_lot::Mutex;
 use tower_service::Service;
 use tracing::debug;
 
-use super::{client::chain, origin::Origin};
-use crate::FastMap;
+use super::{
+    client::chain,
+    origin::{sweep, ByOrigin, Origin},
+};
 
 /// Why a request could not be sent over HTTP/1.1.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +53,7 @@ pub struct Settings {
 
 /// Idle HTTP/1.1 connections by origin.
 pub struct Pool {
-    origins: Arc<Mutex<FastMap<Origin, Arc<OriginIdle>>>>,
+    origins: Arc<ByOrigin<Arc<OriginIdle>>>,
     /// Set once the task that closes idle connections runs (started by the first request,
     /// which is on the runtime).
     sweeping: std::sync::Once,
@@ -203,6 +205,7 @@ impl Pool {
                 Arc::downgrade(&self.origins),
                 self.epoch,
                 self.settings.idle_timeout,
+                |conns: &Arc<OriginIdle>, now_ms| conns.prune(now_ms),
             ));
         });
         let mut origins = self.origins.lock();
@@ -259,25 +262,5 @@ impl Pool {
                 reason: format!("not connected within {timeout:?}"),
             })
         })
-    }
-}
-
-/// Every half idle timeout (at least every second): closes expired idle connections and
-/// forgets origins with nothing left (a config change may have removed their credentials).
-/// Ends with the pool.
-async fn sweep(
-    origins: Weak<Mutex<FastMap<Origin, Arc<OriginIdle>>>>,
-    epoch: Instant,
-    idle_timeout: Duration,
-) {
-    let mut tick = tokio::time::interval((idle_timeout / 2).max(Duration::from_secs(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(origins) = origins.upgrade() else {
-            return;
-        };
-        let now_ms = epoch.elapsed().as_millis() as u64;
-        origins.lock().retain(|_, conns| conns.prune(now_ms));
     }
 }

@@ -41,8 +41,7 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 use tracing::debug;
 
-use super::origin::Origin;
-use crate::FastMap;
+use super::origin::{sweep, ByOrigin, Origin};
 
 /// Streams a connection is assumed to take before its peer's SETTINGS arrive.
 const ASSUMED_STREAMS: usize = 100;
@@ -97,7 +96,7 @@ pub struct Settings {
 
 /// HTTP/2 connections by origin.
 pub struct Pool {
-    origins: Arc<Mutex<FastMap<Origin, Arc<OriginConns>>>>,
+    origins: Arc<ByOrigin<Arc<OriginConns>>>,
     /// Set once the task that closes idle connections runs (started by the first request,
     /// which is on the runtime).
     sweeping: std::sync::Once,
@@ -278,10 +277,12 @@ impl Pool {
 
     fn conns(&self, origin: Origin) -> Arc<OriginConns> {
         self.sweeping.call_once(|| {
+            let idle_ms = self.settings.idle_timeout.as_millis() as u64;
             tokio::spawn(sweep(
                 Arc::downgrade(&self.origins),
                 self.epoch,
                 self.settings.idle_timeout,
+                move |conns: &Arc<OriginConns>, now_ms| conns.prune(now_ms, idle_ms),
             ));
         });
         let mut origins = self.origins.lock();
@@ -400,29 +401,6 @@ impl Pool {
         }
         .boxed()
         .shared()
-    }
-}
-
-/// Every half idle timeout (at least every second): closes idle connections and forgets
-/// origins with nothing left (a config change may have removed their credentials). Ends
-/// with the pool.
-async fn sweep(
-    origins: std::sync::Weak<Mutex<FastMap<Origin, Arc<OriginConns>>>>,
-    epoch: Instant,
-    idle_timeout: Duration,
-) {
-    let idle_ms = idle_timeout.as_millis() as u64;
-    let mut tick = tokio::time::interval((idle_timeout / 2).max(Duration::from_secs(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(origins) = origins.upgrade() else {
-            return;
-        };
-        let now_ms = epoch.elapsed().as_millis() as u64;
-        origins
-            .lock()
-            .retain(|_, conns| conns.prune(now_ms, idle_ms));
     }
 }
 

@@ -1,11 +1,43 @@
 //! Where upstream requests go: the key of both connection pools.
 
-use std::fmt;
+use std::{
+    fmt,
+    sync::Weak,
+    time::{Duration, Instant},
+};
+
+use parking_lot::Mutex;
 
 use http::{
     uri::{Authority, PathAndQuery, Scheme},
     HeaderValue, Uri,
 };
+
+use crate::FastMap;
+
+/// A pool's connections, by origin.
+pub type ByOrigin<T> = Mutex<FastMap<Origin, T>>;
+
+/// Every half idle timeout (at least every second), keeps the origins for which `keep(conns,
+/// ms since epoch)` is true — it closes what has been idle too long and says whether anything
+/// is left (a config change may have removed an origin's credentials). Ends with the pool.
+pub async fn sweep<T>(
+    origins: Weak<ByOrigin<T>>,
+    epoch: Instant,
+    idle_timeout: Duration,
+    keep: impl Fn(&T, u64) -> bool,
+) {
+    let mut tick = tokio::time::interval((idle_timeout / 2).max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(origins) = origins.upgrade() else {
+            return;
+        };
+        let now_ms = epoch.elapsed().as_millis() as u64;
+        origins.lock().retain(|_, conns| keep(conns, now_ms));
+    }
+}
 
 /// Scheme and authority of a request URI.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
