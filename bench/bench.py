@@ -25,6 +25,8 @@ import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 REL = pathlib.Path(os.environ.get("BENCH_BIN_DIR") or ROOT / "target" / "release")  # BENCH_BIN_DIR: for smoke runs
+# When REL holds profile-guided builds, the plain release builds too, for scenario (2d).
+PLAIN = pathlib.Path(os.environ["BENCH_PLAIN_BIN_DIR"]) if os.environ.get("BENCH_PLAIN_BIN_DIR") else None
 OHA = os.environ["OHA"]
 LITELLM = os.environ.get("LITELLM")  # path to the litellm executable, or empty to skip
 GO_NAME = "Go Auto AI Router"
@@ -49,6 +51,10 @@ STREAMS = int(os.environ.get("BENCH_STREAMS", "1500"))
 OPEN_STREAMS = int(os.environ.get("BENCH_OPEN_STREAMS", "5000"))
 KEY = "bench"
 BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+# (2c): a request with a long prompt, as real chat traffic has, which the router must scan
+# for `model` and `stream` while the pass-through only copies it.
+BIG_PROMPT_BYTES = 16 * 1024
+BIG_PAIRS = int(os.environ.get("BENCH_BIG_PAIRS", "7"))
 TMP = pathlib.Path(tempfile.mkdtemp(prefix="airouter-bench-"))
 procs: list[subprocess.Popen] = []
 
@@ -109,9 +115,22 @@ def cpu_ticks(pid: int) -> int:
     return int(f[11]) + int(f[12])
 
 
-def oha(url: str, *args: str, cpu: str = LOADGEN_CPU) -> dict:
+def big_body() -> pathlib.Path:
+    """A chat request whose user message is BIG_PROMPT_BYTES of prose with newlines and quotes
+    (escaped in JSON, as a real prompt's are)."""
+    line = 'The router reads "model" and "stream" from every request body.\n'
+    prompt = (line * (BIG_PROMPT_BYTES // len(line) + 1))[:BIG_PROMPT_BYTES]
+    path = TMP / "big-body.json"
+    path.write_text(json.dumps({"model": "gpt-4o-mini", "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": prompt}]}))
+    return path
+
+
+def oha(url: str, *args: str, cpu: str = LOADGEN_CPU, body_file: pathlib.Path | None = None) -> dict:
+    body = ["-D", str(body_file)] if body_file else ["-d", BODY]
     cmd = ["taskset", "-c", cpu, OHA, "--no-tui", "--output-format", "json", "-m", "POST",
-           "-H", f"Authorization: Bearer {KEY}", "-H", "Content-Type: application/json", "-d", BODY,
+           "-H", f"Authorization: Bearer {KEY}", "-H", "Content-Type: application/json", *body,
            *args, url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
@@ -330,6 +349,7 @@ def check(r: dict) -> list[str]:
         positive(f"rps_c64[{n}]", r["rps_c64"].get(n))
     for n in ("bare hyper pass-through", "airouter"):
         positive(f"rps_pairs[{n}]", r.get("rps_pairs", {}).get(n))
+        positive(f"rps_big_prompt_pairs[{n}]", r.get("rps_big_prompt_pairs", {}).get(n))
         positive(f"fixed_rate[{n}]", r["fixed_rate"]["p99_us"].get(n))
         for k in ("ttfc_p50", "ttfc_p99", "gap_p50", "gap_p99"):
             positive(f"streaming_us[{n}].{k}", r["streaming_us"].get(n, {}).get(k))
@@ -400,13 +420,7 @@ def main() -> int:
 
         # (2b) the target ratio: airouter and the pass-through in TP_PAIRS short pairs, back to
         # back, the order swapped every other pair; the ratio is the median of per-pair ratios.
-        pair_names = ("bare hyper pass-through", "airouter")
-        pairs = {n: [] for n in pair_names}
-        for i in range(TP_PAIRS):
-            for n in (pair_names if i % 2 == 0 else pair_names[::-1]):
-                d = oha(url[n], "-z", TP_PAIR_DURATION, "-c", "64")
-                pairs[n].append(d["summary"]["requestsPerSec"])
-        results["rps_pairs"] = {"duration": TP_PAIR_DURATION, **pairs}
+        results["rps_pairs"] = measure_pairs(url, TP_PAIRS)
 
         # (3) p99 at a fixed rate = half of airouter's max (latency-corrected)
         rate = int(med(rps["airouter"]) / 2)
@@ -423,6 +437,34 @@ def main() -> int:
         results["idle_rss_passthrough_kb"] = rss_kb(child_pid(stack.targets["bare hyper pass-through"][1]))
         if GO_NAME in stack.targets:
             results["go_idle_rss_kb"] = rss_kb(child_pid(stack.targets[GO_NAME][1]))
+
+        # (2c) the pairs of (2b) with a 16 KiB prompt in every request; after the idle RSS of (6),
+        # which then stays comparable with earlier runs, and followed by an idle RSS of its own
+        big = big_body()
+        results["rps_big_prompt_pairs"] = {"body_bytes": big.stat().st_size,
+                                           **measure_pairs(url, BIG_PAIRS, body_file=big)}
+        time.sleep(1.0)
+        results["idle_rss_after_big_kb"] = rss_kb(child_pid(stack.targets["airouter"][1]))
+
+        # (2d) the pairs of (2b) with the plain release builds of airouter and the pass-through
+        # (same mock): what PGO changes, and the ratio without it.
+        if PLAIN:
+            p_pt, p_ar = free_port(), free_port()
+            plain = {
+                "bare hyper pass-through": start([str(PLAIN / "bench-passthrough"), "--listen", f"127.0.0.1:{p_pt}",
+                                                  "--upstream", f"http://127.0.0.1:{stack.mock_port}"], log="plain-pt"),
+                "airouter": start([str(PLAIN / "airouter"), "run", "--config",
+                                   str(airouter_config(stack.mock_port, p_ar))], log="plain-airouter"),
+            }
+            plain_url = {"bare hyper pass-through": f"http://127.0.0.1:{p_pt}/v1/chat/completions",
+                         "airouter": f"http://127.0.0.1:{p_ar}/v1/chat/completions"}
+            wait_http(f"http://127.0.0.1:{p_pt}/v1/models")
+            wait_http(f"http://127.0.0.1:{p_ar}/health/readiness")
+            for n in PAIR_NAMES:
+                oha(plain_url[n], "-n", "200", "-c", "4")  # warm pools
+            results["rps_plain_build_pairs"] = measure_pairs(plain_url, BIG_PAIRS)
+            for proc in plain.values():
+                stop(proc)
         stack.close()
 
         # (4) streaming: 20 chunks 2 ms apart
@@ -526,9 +568,33 @@ def machine() -> dict:
         "litellm": ver([sys.executable, "-c", "print('n/a')"]) if not LITELLM else ver(
             [str(pathlib.Path(LITELLM).parent / "python"), "-c", "import importlib.metadata as m; print(m.version('litellm'))"]),
         "airouter": ver([str(REL / "airouter"), "--version"]),
+        "build": os.environ.get("BENCH_BUILD", "plain release builds"),
         "go_router": GO_ROUTER or "not measured",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+
+
+PAIR_NAMES = ("bare hyper pass-through", "airouter")
+
+
+def measure_pairs(urls: dict, count: int, body_file: pathlib.Path | None = None) -> dict:
+    """`count` back-to-back pairs of TP_PAIR_DURATION at 64 connections, the order swapped
+    every other pair: requests/s per target of PAIR_NAMES (`urls` maps them to their URL)."""
+    rps = {n: [] for n in PAIR_NAMES}
+    for i in range(count):
+        for n in (PAIR_NAMES if i % 2 == 0 else PAIR_NAMES[::-1]):
+            d = oha(urls[n], "-z", TP_PAIR_DURATION, "-c", "64", body_file=body_file)
+            rps[n].append(d["summary"]["requestsPerSec"])
+    return {"duration": TP_PAIR_DURATION, **rps}
+
+
+def pair_rows(pairs: dict) -> list[str]:
+    """The table of one set of pairs (from measure_pairs)."""
+    pt, ar = PAIR_NAMES
+    rows = ["| pair | pass-through requests/s | airouter requests/s | ratio |\n|---|---|---|---|"]
+    for i, (b, a) in enumerate(zip(pairs[pt], pairs[ar]), 1):
+        rows.append(f"| {i} | {b:,.0f} | {a:,.0f} | {a / b:.2f} |")
+    return rows
 
 
 def write_markdown(r: dict) -> None:
@@ -542,7 +608,9 @@ def write_markdown(r: dict) -> None:
     s = []
     s.append("# airouter benchmark results\n")
     s.append(f"Measured {m['date']} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, Linux {m['kernel']}; "
-             f"{m['rustc']}; load generator {m['oha']}; {m['airouter']}; LiteLLM {m['litellm']}.\n")
+             f"{m['rustc']}; load generator {m['oha']}; {m['airouter']}; LiteLLM {m['litellm']}. "
+             f"Binaries: {m.get('build', 'plain release builds')}, the same for airouter, the pass-through "
+             "and the mock.\n")
     s.append("Reproduce: `bash bench/run.sh` (builds everything, installs oha and LiteLLM into "
              "`~/.cache/airouter/`, runs every scenario, rewrites this file and `bench/results.json`).\n")
     s.append("Placement: the load generator (oha, `bench-stream`) is pinned to CPU 0; the target and the mock "
@@ -637,9 +705,26 @@ def write_markdown(r: dict) -> None:
         s.append("The throughput target: the two targets back to back in each pair, the order swapped every "
                  "other pair, so both see the same stretch of the machine; the ratio is the median of the "
                  "per-pair ratios.\n")
-        s.append("| pair | pass-through requests/s | airouter requests/s | ratio |\n|---|---|---|---|")
-        for i, (b, a) in enumerate(zip(pairs[pt], pairs[ar]), 1):
-            s.append(f"| {i} | {b:,.0f} | {a:,.0f} | {a / b:.2f} |")
+        s.extend(pair_rows(pairs))
+    big = r.get("rps_big_prompt_pairs")
+    if big:
+        ratios = sorted(a / b for a, b in zip(big[ar], big[pt]))
+        s.append(f"\n## (2c) A {big['body_bytes'] / 1024:.0f} KiB request body, {len(big[ar])} pairs of {big['duration']}\n")
+        s.append("Real chat requests carry long prompts. airouter reads `model` and `stream` from every body "
+                 "(a validating scan, see NOTES: \"Sixth round\"); the pass-through copies bytes. Not a target; "
+                 f"median ratio **{med(ratios):.2f}×** (min–max {min(ratios):.2f}–{max(ratios):.2f}).\n")
+        s.extend(pair_rows(big))
+    plain = r.get("rps_plain_build_pairs")
+    if plain:
+        ratios = sorted(a / b for a, b in zip(plain[ar], plain[pt]))
+        pgo_pt = med(pairs[pt]) / med(plain[pt]) if pairs else None
+        pgo_ar = med(pairs[ar]) / med(plain[ar]) if pairs else None
+        s.append(f"\n## (2d) Plain release builds (no PGO), {len(plain[ar])} pairs of {plain['duration']}\n")
+        s.append("The pairs of (2b) with the plain `cargo build --release` binaries of airouter and the pass-through, "
+                 f"against the same mock: median ratio **{med(ratios):.2f}×** (min–max {min(ratios):.2f}–{max(ratios):.2f})."
+                 + (f" PGO's gain, from the medians of (2b) over these: pass-through {pgo_pt:.2f}×, airouter {pgo_ar:.2f}× "
+                    "(different minutes of the run, so only indicative)." if pgo_pt else "") + "\n")
+        s.extend(pair_rows(plain))
     s.append(f"\n## (3) p99 at a fixed rate of {fixed['rate']:,} requests/s (half of airouter's maximum), latency-corrected\n")
     s.append("| target | p99 | spread |\n|---|---|---|")
     for n, v in fixed["p99_us"].items():
@@ -662,6 +747,9 @@ def write_markdown(r: dict) -> None:
             s.append(f"| {name} | {i} | {h['opened']} | {h['completed']} | {h['rss_kb'] / 1024:.1f} MB | "
                      f"{h['cpu_pct']:.0f} % |")
     s.append(f"\n## (6) Idle RSS\n\nairouter after warm-up traffic, idle: {idle_mb:.1f} MB.\n")
+    if r.get("idle_rss_after_big_kb"):
+        s.append(f"airouter idle again after the 16 KiB bodies of (2c): {r['idle_rss_after_big_kb'] / 1024:.1f} MB "
+                 "(buffers and allocator pages sized for the larger bodies, kept for the next ones).\n")
     if r.get("go_idle_rss_kb"):
         s.append(f"Go Auto AI Router after the same warm-up traffic, idle: {r['go_idle_rss_kb'] / 1024:.1f} MB.\n")
     if r.get("go_stream_errors"):

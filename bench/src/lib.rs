@@ -8,9 +8,12 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use tokio::net::TcpListener;
+use tokio::{
+    net::TcpListener,
+    signal::unix::{signal, SignalKind},
+};
 
-/// Serves `handler` on `addr` forever (HTTP/1.1 keep-alive and h2c, `TCP_NODELAY`), with
+/// Serves `handler` on `addr` until SIGTERM (HTTP/1.1 keep-alive and h2c, `TCP_NODELAY`), with
 /// hyper's default HTTP/2 stream limit per connection (200).
 pub async fn serve<F, Fut, B>(addr: SocketAddr, handler: F) -> anyhow::Result<()>
 where
@@ -36,8 +39,15 @@ where
 {
     let listener = TcpListener::bind(addr).await?;
     eprintln!("listening on {}", listener.local_addr()?);
+    // SIGTERM ends the process cleanly (returning from `main`), so an instrumented build
+    // (bench/pgo.sh) writes its profile.
+    let mut term = signal(SignalKind::terminate())?;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = term.recv() => return Ok(()),
+        };
+        let Ok((stream, _)) = accepted else {
             continue;
         };
         let _ = stream.set_nodelay(true);

@@ -16,7 +16,7 @@ use http::{
     header, request::Parts, uri::PathAndQuery, HeaderMap, HeaderValue, Method, Request, Response,
     StatusCode,
 };
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tracing::{debug, info, warn};
 
@@ -662,18 +662,37 @@ impl UpstreamBody {
     }
 }
 
-/// Buffers a response body up to `limit` bytes. (Not `http_body_util::Limited`: its boxed
-/// error type trips a compiler limitation when proving this future `Send`.)
-async fn collect_limited<B>(mut body: B, limit: usize) -> Result<Bytes, BoxError>
+/// Why [`collect_limited`] gave up.
+#[derive(Debug)]
+enum CollectError {
+    TooLarge { limit: usize },
+    Body(BoxError),
+}
+
+impl std::fmt::Display for CollectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CollectError::TooLarge { limit } => write!(f, "body larger than {limit} bytes"),
+            CollectError::Body(e) => e.fmt(f),
+        }
+    }
+}
+
+/// Buffers a body up to `limit` bytes. A body that arrives in one frame (the usual case) is
+/// returned as that frame, without copying. (Not `http_body_util::Limited` + `collect`: that
+/// buffers every frame in a list and then copies them, and its boxed error type trips a
+/// compiler limitation when proving this future `Send`.)
+async fn collect_limited<B>(mut body: B, limit: usize) -> Result<Bytes, CollectError>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        if let Ok(data) = frame.map_err(Into::into)?.into_data() {
+        let frame = frame.map_err(|e| CollectError::Body(e.into()))?;
+        if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
-                return Err(format!("upstream response larger than {limit} bytes").into());
+                return Err(CollectError::TooLarge { limit });
             }
             if buf.is_empty() && body.is_end_stream() {
                 return Ok(data);
@@ -720,15 +739,10 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(ProxyError::BodyTooLarge { limit_mb });
     }
-    match Limited::new(body, limit as usize).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(ProxyError::BodyTooLarge { limit_mb })
-        }
-        Err(_) => Err(ProxyError::BodyRead),
+    match collect_limited(body, limit as usize).await {
+        Ok(bytes) => Ok(bytes),
+        Err(CollectError::TooLarge { .. }) => Err(ProxyError::BodyTooLarge { limit_mb }),
+        Err(CollectError::Body(_)) => Err(ProxyError::BodyRead),
     }
 }
 
