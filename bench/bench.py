@@ -54,7 +54,8 @@ BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "conten
 # (2c): a request with a long prompt, as real chat traffic has, which the router must scan
 # for `model` and `stream` while the pass-through only copies it.
 BIG_PROMPT_BYTES = 16 * 1024
-BIG_PAIRS = int(os.environ.get("BENCH_BIG_PAIRS", "7"))
+# Pairs in the side scenarios (2c) and (2d), which are not target rows.
+SIDE_PAIRS = int(os.environ.get("BENCH_SIDE_PAIRS", "7"))
 TMP = pathlib.Path(tempfile.mkdtemp(prefix="airouter-bench-"))
 procs: list[subprocess.Popen] = []
 
@@ -87,8 +88,17 @@ def start(cmd: list[str], cpu: str = SUT_CPU, env: dict | None = None, log: str 
     return p
 
 
-def stop(p: subprocess.Popen) -> None:
+def stop(p: subprocess.Popen, graceful: bool = False) -> None:
+    """Kills `p`; `graceful`: SIGTERM first (an instrumented build writes its profile on a
+    clean exit), SIGKILL only if it has not exited within 30 s."""
     if p.poll() is None:
+        if graceful:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=30)
+                return
+            except subprocess.TimeoutExpired:
+                pass
         os.killpg(p.pid, signal.SIGKILL)
         p.wait(timeout=10)
 
@@ -328,10 +338,10 @@ class Stack:
         for name, (base, _) in self.targets.items():
             oha(base + "/v1/chat/completions", "-n", "200", "-c", "4")  # warm pools
 
-    def close(self) -> None:
+    def close(self, graceful: bool = False) -> None:
         for _, p in self.targets.values():
             if p is not None:
-                stop(p)
+                stop(p, graceful)
 
 
 def check(r: dict) -> list[str]:
@@ -377,7 +387,31 @@ def us(x: float) -> str:
     return f"{x:.0f} µs" if abs(x) < 10_000 else f"{x / 1000:.1f} ms"
 
 
+def train() -> int:
+    """The traffic bench/pgo.sh trains its instrumented builds (BENCH_BIN_DIR) on: every kind
+    the scenarios send (64 connections with short and 16 KiB bodies, concurrency 1, streams),
+    to the pass-through and to airouter with HTTP/1.1 and HTTP/2 upstreams. Every process is
+    stopped with SIGTERM, so each writes its profile."""
+    stack = Stack(["--chunks", "20", "--chunk-interval-ms", "1"], with_litellm=False, with_go=False,
+                  with_h2=True)
+    try:
+        big = big_body()
+        for name in ("bare hyper pass-through", "airouter", H2_NAME):
+            url = stack.targets[name][0] + "/v1/chat/completions"
+            oha(url, "-z", "3s", "-c", "64")
+            oha(url, "-z", "2s", "-c", "64", body_file=big)
+            oha(url, "-n", "1000", "-c", "1")
+            stream_probe(url, "latency", "--streams", "200", "--concurrency", "4")
+    finally:
+        stack.close(graceful=True)
+        stop_all()
+    shutil.rmtree(TMP, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
+    if "--train" in sys.argv:
+        return train()
     resolve_go_router()
     if "--smoke-go" in sys.argv:
         return smoke_go()
@@ -442,7 +476,7 @@ def main() -> int:
         # which then stays comparable with earlier runs, and followed by an idle RSS of its own
         big = big_body()
         results["rps_big_prompt_pairs"] = {"body_bytes": big.stat().st_size,
-                                           **measure_pairs(url, BIG_PAIRS, body_file=big)}
+                                           **measure_pairs(url, SIDE_PAIRS, body_file=big)}
         time.sleep(1.0)
         results["idle_rss_after_big_kb"] = rss_kb(child_pid(stack.targets["airouter"][1]))
 
@@ -462,7 +496,7 @@ def main() -> int:
             wait_http(f"http://127.0.0.1:{p_ar}/health/readiness")
             for n in PAIR_NAMES:
                 oha(plain_url[n], "-n", "200", "-c", "4")  # warm pools
-            results["rps_plain_build_pairs"] = measure_pairs(plain_url, BIG_PAIRS)
+            results["rps_plain_build_pairs"] = measure_pairs(plain_url, SIDE_PAIRS)
             for proc in plain.values():
                 stop(proc)
         stack.close()

@@ -34,61 +34,9 @@ RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$RAW" CARGO_TARGET_DIR="$T/pgo-gen"
 GEN="$T/pgo-gen/release"
 
 echo "== PGO 2/3: training" >&2
-read -r MOCK AR AR2 PT < <(python3 -c '
-import socket
-ss = [socket.socket() for _ in range(4)]
-for s in ss: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in ss])')
-WORK="$(mktemp -d)"
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-config() { # port, extra credential fields
-    cat <<YAML
-server: {host: 127.0.0.1, port: $1, master_key: bench, logging_level: error, max_provider_retries: 2}
-credentials:
-  - {name: primary-1, type: openai, api_key: sk-1, base_url: "http://127.0.0.1:$MOCK", rpm: 100000000, tpm: 100000000000$2}
-  - {name: primary-2, type: openai, api_key: sk-2, base_url: "http://127.0.0.1:$MOCK", rpm: 100000000, tpm: 100000000000$2}
-  - {name: backup, type: proxy, api_key: sk-3, base_url: "http://127.0.0.1:$MOCK", is_fallback: true}
-models:
-  - {name: gpt-4o-mini, rpm: 100000000}
-model_alias: {fast: gpt-4o-mini}
-YAML
-}
-config "$AR" "" > "$WORK/ar.yaml"
-config "$AR2" ", http_version: http2" > "$WORK/ar2.yaml"
-"$GEN/bench-mock" --listen "127.0.0.1:$MOCK" --chunks 20 --chunk-interval-ms 1 >/dev/null 2>&1 & pids+=($!)
-"$GEN/airouter" run --config "$WORK/ar.yaml" >"$WORK/ar.log" 2>&1 & pids+=($!)
-"$GEN/airouter" run --config "$WORK/ar2.yaml" >"$WORK/ar2.log" 2>&1 & pids+=($!)
-"$GEN/bench-passthrough" --listen "127.0.0.1:$PT" --upstream "http://127.0.0.1:$MOCK" >/dev/null 2>&1 & pids+=($!)
-for port in "$AR" "$AR2" "$PT"; do
-    for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$port/v1/models" && break; sleep 0.1; done
-done
-python3 - "$WORK/big.json" <<'PY'
-import json, sys
-line = 'The router reads "model" and "stream" from every request body.\n'
-prompt = (line * 300)[:16384]
-json.dump({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]}, open(sys.argv[1], "w"))
-PY
-SMALL='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'
-load() { # port, oha arguments...
-    local port=$1; shift
-    "$OHA" --no-tui --output-format json -m POST -H "Authorization: Bearer bench" \
-        -H "Content-Type: application/json" "$@" "http://127.0.0.1:$port/v1/chat/completions" >/dev/null
-}
-for port in "$AR" "$AR2" "$PT"; do
-    load "$port" -d "$SMALL" -z 3s -c 64
-    load "$port" -D "$WORK/big.json" -z 2s -c 64
-    load "$port" -d "$SMALL" -n 1000 -c 1
-    "$GEN/bench-stream" --url "http://127.0.0.1:$port/v1/chat/completions" --key bench latency \
-        --streams 200 --concurrency 4 >/dev/null
-done
-# A clean exit writes each process's profile.
-kill -TERM "${pids[@]}"
-for pid in "${pids[@]}"; do
-    for _ in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-done
-pids=()
+# bench.py --train: the benchmark's own traffic, from the same topology and bodies as its
+# scenarios; it stops every process with SIGTERM, and each writes its profile on exit.
+BENCH_BIN_DIR="$GEN" python3 bench/bench.py --train >&2
 ls "$RAW"/*.profraw >/dev/null
 "$PROFDATA" merge -o "$T/pgo.profdata" "$RAW"/*.profraw
 # Named by its content: cargo does not look inside a file RUSTFLAGS names, so a new profile

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # airouter benchmark suite: builds everything, installs the load generator (oha) and the
 # LiteLLM peer into ~/.cache/airouter (cached by version), runs every scenario and writes
-# bench/RESULTS.md. Takes about 20 minutes (6 more the first time, for the PGO builds). Set BENCH_NO_LITELLM=1 to skip LiteLLM.
+# bench/RESULTS.md. Takes about 25 minutes, the PGO builds included (bench/pgo.sh).
+# Set BENCH_NO_LITELLM=1 to skip LiteLLM.
 # The Go Auto AI Router peer comes from GO_ROUTER_BIN (a prebuilt binary) or
 # tests/tools/go-router.sh; BENCH_NO_GO=1 skips it. `python3 bench/bench.py --smoke-go`
 # (with OHA set) runs only a short check of the Go peer.
@@ -19,7 +20,7 @@ if [ -n "${BENCH_SMOKE:-}" ]; then
     # instead of bench/. Its figures mean nothing.
     echo "== smoke run: debug binaries, tiny counts"
     cargo build -p airouter -p airouter-bench
-    export BENCH_BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/debug" BENCH_RUNS=1 BENCH_DURATION=1s BENCH_TP_PAIRS=2 BENCH_BIG_PAIRS=1 BENCH_TP_PAIR_DURATION=1s \
+    export BENCH_BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/debug" BENCH_RUNS=1 BENCH_DURATION=1s BENCH_TP_PAIRS=2 BENCH_SIDE_PAIRS=1 BENCH_TP_PAIR_DURATION=1s \
         BENCH_LAT_REQUESTS=200 BENCH_STREAMS=40 BENCH_OPEN_STREAMS=200 BENCH_NO_LITELLM=1 BENCH_NO_GO=1
     BENCH_OUT="${BENCH_OUT:-$(mktemp -d)}"
     export BENCH_OUT
@@ -65,7 +66,7 @@ fi
 if [ -z "${BENCH_SMOKE:-}" ] && [ -z "${BENCH_NO_PGO:-}" ]; then
     if PGO_DIR="$(bash bench/pgo.sh | tail -n 1)"; then
         export BENCH_BIN_DIR="$PGO_DIR" BENCH_PLAIN_BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/release"
-        export BENCH_BUILD="profile-guided release builds (bench/pgo.sh; $(llvm-profdata-"$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')" --version | grep -o 'LLVM version [0-9.]*'))"
+        export BENCH_BUILD="profile-guided release builds (bench/pgo.sh, LLVM $(rustc -vV | sed -n 's/^LLVM version: //p'))"
     else
         echo "== PGO unavailable: measuring the plain release builds" >&2
         export BENCH_BUILD="plain release builds (bench/pgo.sh could not run)"

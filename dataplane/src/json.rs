@@ -377,7 +377,7 @@ mod tests {
         );
     }
 
-    /// Strings of every length around the word and SIMD boundaries, with a quote, an escape,
+    /// Strings of every length around the 16-byte block boundaries, with a quote, an escape,
     /// a control character or the end of input at every position: the scanner ends the
     /// string where serde does, or refuses what serde refuses.
     #[test]

@@ -548,7 +548,12 @@ impl Forward<'_> {
         };
         let bytes = match collected {
             Ok(Ok(bytes)) => bytes,
-            Ok(Err(e)) => {
+            Ok(Err(CollectError::TooLarge { limit })) => {
+                warn!(request_id = self.ctx.id(), credential = %cred.name, limit_bytes = limit,
+                    "upstream response larger than server.max_body_size_mb × server.response_body_multiplier allows");
+                return self.transport_failure(cred, slot, TransportError::Body, sent);
+            }
+            Ok(Err(CollectError::Body(e))) => {
                 warn!(request_id = self.ctx.id(), credential = %cred.name, error = %e, "upstream response body failed");
                 return self.transport_failure(cred, slot, TransportError::Body, sent);
             }
@@ -667,15 +672,6 @@ impl UpstreamBody {
 enum CollectError {
     TooLarge { limit: usize },
     Body(BoxError),
-}
-
-impl std::fmt::Display for CollectError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CollectError::TooLarge { limit } => write!(f, "body larger than {limit} bytes"),
-            CollectError::Body(e) => e.fmt(f),
-        }
-    }
 }
 
 /// Buffers a body up to `limit` bytes. A body that arrives in one frame (the usual case) is
