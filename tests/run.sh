@@ -29,6 +29,10 @@ need() {
     fi
 }
 
+section "Debian packages the tests use"
+# A real redis-server backs the shared rate-limit tests (dataplane/tests/redis_limits.rs, e2e).
+need redis-server redis-server
+
 section "cargo build --workspace --all-targets"
 cargo build --workspace --all-targets
 

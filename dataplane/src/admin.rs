@@ -131,7 +131,21 @@ async fn put_config(app: &App, req: Request<Incoming>) -> Response<RespBody> {
 struct State {
     config_hash: String,
     ready: bool,
+    rate_limit: RateLimitState,
     credentials: Vec<CredentialState>,
+}
+
+/// Where limits are enforced. With Redis, the windows and bans below are this replica's own
+/// view (what it admitted and saw); Redis holds the shared totals.
+#[derive(Serialize)]
+struct RateLimitState {
+    backend: &'static str,
+    /// Redis answered the last call (`false`: this replica enforces its local share).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shared: Option<bool>,
+    /// Redis calls that failed or timed out since the backend was configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    errors: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -261,6 +275,15 @@ fn state(app: &App, rt: &Runtime) -> State {
     State {
         config_hash: rt.hash.clone(),
         ready: app.ready.load(Ordering::Relaxed),
+        rate_limit: RateLimitState {
+            backend: if rt.shared.is_some() {
+                "redis"
+            } else {
+                "local"
+            },
+            shared: rt.shared.as_ref().map(|s| s.is_up()),
+            errors: rt.shared.as_ref().map(|s| s.errors()),
+        },
         credentials,
     }
 }

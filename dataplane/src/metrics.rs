@@ -72,6 +72,11 @@ pub struct TokenLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    pub backend: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OriginLabel {
     pub origin: String,
 }
@@ -169,6 +174,7 @@ pub struct Metrics {
     config_info: Family<HashLabel, Gauge>,
     http2_connections: Family<OriginLabel, Gauge>,
     http2_streams: Family<OriginLabel, Gauge>,
+    rate_limit_backend_up: Family<BackendLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -208,6 +214,7 @@ impl Metrics {
             config_info: Family::default(),
             http2_connections: Family::default(),
             http2_streams: Family::default(),
+            rate_limit_backend_up: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -316,6 +323,11 @@ impl Metrics {
             "airouter_upstream_http2_streams",
             "Streams in flight on the HTTP/2 connections to each upstream origin",
             m.http2_streams.clone(),
+        );
+        r.register(
+            "airouter_rate_limit_backend_up",
+            "1 while the shared rate-limit backend answers; 0 while each replica enforces its local share",
+            m.rate_limit_backend_up.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -546,6 +558,12 @@ impl Metrics {
         }
         self.model_rpm.clear();
         self.model_tpm.clear();
+        self.rate_limit_backend_up.clear();
+        if let Some(shared) = &rt.shared {
+            self.rate_limit_backend_up
+                .get_or_create(&BackendLabel { backend: "redis" })
+                .set(i64::from(shared.is_up()));
+        }
         for cred in &rt.credentials {
             let usage = cred.state.usage(now);
             for model in cred.state.take_unbans() {

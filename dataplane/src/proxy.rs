@@ -30,7 +30,7 @@ use crate::{
     metrics, mock,
     request::{self, Probe, Rewritten},
     runtime::{Credential, Lookup, Route, Runtime, Slot, Tier},
-    select::{select, Exhausted},
+    select::{select, select_shared, Exhausted},
     stream::{usage, TokenUsage, UsageTap},
     upstream::{self, HOPS_HEADER},
 };
@@ -204,16 +204,32 @@ async fn proxy(
     let mut last: Option<Failure> = None;
     for attempt in 0..attempts {
         let now = Instant::now();
-        let pick = match select(
-            rt,
-            &route,
-            model_id,
-            &cursor,
-            tried.as_slice(),
-            &*app.limits,
-            &app.remote,
-            now,
-        ) {
+        let picked = match &rt.shared {
+            None => select(
+                rt,
+                &route,
+                model_id,
+                &cursor,
+                tried.as_slice(),
+                &*app.limits,
+                &app.remote,
+                now,
+            ),
+            // Boxed: the Redis call's state stays out of every request's future.
+            Some(shared) => {
+                Box::pin(select_shared(
+                    rt,
+                    &route,
+                    model_id,
+                    &cursor,
+                    tried.as_slice(),
+                    shared,
+                    &app.remote,
+                ))
+                .await
+            }
+        };
+        let pick = match picked {
             Ok(pick) => pick,
             Err(exhausted) => {
                 fwd.count_skipped(&exhausted);
@@ -398,7 +414,7 @@ impl Forward<'_> {
     }
 
     /// Feeds one attempt's outcome to metrics and fail2ban; `now` is when it was decided.
-    fn record(
+    async fn record(
         &self,
         cred: &Credential,
         slot: &Slot,
@@ -413,12 +429,35 @@ impl Forward<'_> {
             now.saturating_duration_since(self.ctx.started),
             ttfb,
         );
-        let ban = self.app.limits.record_outcome(
-            self.slot_ref(cred, slot),
-            outcome,
-            &self.rt.policy,
-            now,
-        );
+        // With the Redis backend its answer decides (and is mirrored here for `/health`);
+        // without it, or when it does not answer, the local state does.
+        let shared = self.rt.shared.as_ref().filter(|s| s.available());
+        let from_redis = match shared {
+            Some(shared) if (200..300).contains(&outcome.status) => {
+                shared.record_success_in_background(cred.name.clone(), Arc::from(self.model_id));
+                Some(None)
+            }
+            // Boxed: the Redis call's state stays out of every request's future.
+            Some(shared) => {
+                Box::pin(shared.record_outcome(&cred.name, self.model_id, outcome, &self.rt.policy))
+                    .await
+                    .ok()
+            }
+            None => None,
+        };
+        let ban = match from_redis {
+            Some(ban) => {
+                cred.state
+                    .mirror_ban(self.model_id, Some(outcome.status), ban.clone());
+                ban
+            }
+            None => self.app.limits.record_outcome(
+                self.slot_ref(cred, slot),
+                outcome,
+                &self.rt.policy,
+                now,
+            ),
+        };
         if let Some(ban) = ban {
             self.app.metrics.ban(&cred.name, self.model_id, ban.code);
             warn!(
@@ -433,7 +472,7 @@ impl Forward<'_> {
         }
     }
 
-    fn transport_failure(
+    async fn transport_failure(
         &self,
         cred: &Credential,
         slot: &Slot,
@@ -455,7 +494,8 @@ impl Forward<'_> {
             },
             now.saturating_duration_since(sent),
             now,
-        );
+        )
+        .await;
         Attempt::Retry(Failure::Transport(error))
     }
 
@@ -486,7 +526,9 @@ impl Forward<'_> {
                     Ok(req) => req,
                     Err(e) => {
                         warn!(request_id = self.ctx.id(), credential = %cred.name, error = %e, "cannot build the upstream request");
-                        return self.transport_failure(cred, slot, TransportError::Connect, sent);
+                        return self
+                            .transport_failure(cred, slot, TransportError::Connect, sent)
+                            .await;
                     }
                 };
                 let call = self.app.client.request(cred.http_version, req);
@@ -497,11 +539,15 @@ impl Forward<'_> {
                 match result {
                     Err(_) => {
                         warn!(request_id = self.ctx.id(), credential = %cred.name, "upstream did not answer within request_timeout");
-                        return self.transport_failure(cred, slot, TransportError::Timeout, sent);
+                        return self
+                            .transport_failure(cred, slot, TransportError::Timeout, sent)
+                            .await;
                     }
                     Ok(Err(e)) => {
                         warn!(request_id = self.ctx.id(), credential = %cred.name, error = %e, "upstream request failed");
-                        return self.transport_failure(cred, slot, TransportError::Connect, sent);
+                        return self
+                            .transport_failure(cred, slot, TransportError::Connect, sent)
+                            .await;
                     }
                     Ok(Ok(resp)) => {
                         let (mut parts, body) = resp.into_parts();
@@ -526,7 +572,8 @@ impl Forward<'_> {
                 },
                 ttfb,
                 head_at,
-            );
+            )
+            .await;
             let resp = Response::from_parts(parts, body.boxed());
             return Attempt::Answer(self.tap_stream(cred, slot, resp, attempt_no), None);
         }
@@ -551,13 +598,17 @@ impl Forward<'_> {
             Ok(Err(CollectError::TooLarge { limit })) => {
                 warn!(request_id = self.ctx.id(), credential = %cred.name, limit_bytes = limit,
                     "upstream response larger than server.max_body_size_mb × server.response_body_multiplier allows");
-                return self.transport_failure(cred, slot, TransportError::Body, sent);
+                return self
+                    .transport_failure(cred, slot, TransportError::Body, sent)
+                    .await;
             }
             Ok(Err(CollectError::Body(e))) => {
                 warn!(request_id = self.ctx.id(), credential = %cred.name, error = %e, "upstream response body failed");
-                return self.transport_failure(cred, slot, TransportError::Body, sent);
+                return self
+                    .transport_failure(cred, slot, TransportError::Body, sent)
+                    .await;
             }
-            Err(t) => return self.transport_failure(cred, slot, t, sent),
+            Err(t) => return self.transport_failure(cred, slot, t, sent).await,
         };
         let now = Instant::now();
         let benign = !status.is_success() && is_request_specific_error(&bytes);
@@ -576,13 +627,22 @@ impl Forward<'_> {
             },
             ttfb,
             now,
-        );
+        )
+        .await;
         let mut tokens = TokenUsage::default();
         if status.is_success() {
             if let Some(u) = usage(&bytes) {
                 self.app
                     .limits
                     .charge_tokens(self.slot_ref(cred, slot), u.total, now);
+                if let Some(shared) = &self.rt.shared {
+                    shared.charge_in_background(
+                        cred.name.clone(),
+                        Arc::from(self.model_id),
+                        self.rt.slot_limits(slot),
+                        u.total,
+                    );
+                }
                 self.app.metrics.tokens(&cred.name, self.model_id, &u);
                 tokens = u;
             }
@@ -617,6 +677,7 @@ impl Forward<'_> {
         let name = cred.name.clone();
         let model: Arc<str> = Arc::from(self.model_id);
         let slot_limits = self.rt.slot_limits(slot);
+        let shared = self.rt.shared.clone();
         let status = parts.status.as_u16();
         let ctx = RequestCtx {
             request_id: self.ctx.request_id.clone(),
@@ -631,6 +692,14 @@ impl Forward<'_> {
                     limits: slot_limits,
                 };
                 app.limits.charge_tokens(slot, tokens.total, Instant::now());
+                if let Some(shared) = &shared {
+                    shared.charge_in_background(
+                        name.clone(),
+                        model.clone(),
+                        slot_limits,
+                        tokens.total,
+                    );
+                }
                 app.metrics.tokens(&name, &model, &tokens);
             }
             access_log(

@@ -19,8 +19,11 @@ use http::HeaderValue;
 use parking_lot::{Mutex, RwLock};
 
 use crate::{
-    config::{CredentialType, HttpVersion, Limit, MockConfig, RouterConfig},
-    limit::{fail2ban::Policy, CredState, SlotLimits},
+    config::{
+        CredentialType, HttpVersion, Limit, MockConfig, RateLimitBackend, RateLimitConfig,
+        RouterConfig,
+    },
+    limit::{fail2ban::Policy, shared::SharedLimits, CredState, SlotLimits},
     secret::Secret,
     FastMap,
 };
@@ -111,6 +114,9 @@ pub struct Registry {
     creds: Mutex<HashMap<String, Arc<CredState>>>,
     cursors: RwLock<FastMap<Arc<str>, Arc<Cursor>>>,
     overflow: Arc<Cursor>,
+    /// The Redis backend, kept across reloads that leave `rate_limit` unchanged (so its
+    /// connection and failure state carry over).
+    shared: Mutex<Option<Arc<SharedLimits>>>,
 }
 
 impl Registry {
@@ -120,6 +126,18 @@ impl Registry {
             .entry(name.to_owned())
             .or_default()
             .clone()
+    }
+
+    fn shared_limits(&self, settings: &RateLimitConfig) -> Option<Arc<SharedLimits>> {
+        let mut shared = self.shared.lock();
+        if settings.backend == RateLimitBackend::Local {
+            *shared = None;
+            return None;
+        }
+        if shared.as_ref().is_none_or(|s| s.settings() != settings) {
+            *shared = SharedLimits::new(settings);
+        }
+        shared.clone()
     }
 
     /// Forgets credentials a new config no longer has.
@@ -169,6 +187,8 @@ pub struct Runtime {
     pub loaded_at_unix: u64,
     /// [`RouterConfig::hash`] of `config`.
     pub hash: String,
+    /// `rate_limit.backend: redis`: windows and bans shared with the other replicas.
+    pub shared: Option<Arc<SharedLimits>>,
     registry: Arc<Registry>,
 }
 
@@ -289,6 +309,7 @@ impl Runtime {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             hash,
+            shared: registry.shared_limits(&config.rate_limit),
             registry,
             config,
         }

@@ -3,11 +3,15 @@
 //! backend and `now`. Admission through [`Limits::admit`] reserves the RPM slot atomically, so
 //! a credential never admits more than its limit however many requests race.
 
-use std::time::Instant;
+use std::{ops::ControlFlow, time::Instant};
 
 use crate::{
     config::CredentialType,
-    limit::{Admission, Limits, SlotRef},
+    limit::{
+        fail2ban::Ban,
+        shared::{self, Refusal, SharedLimits},
+        Admission, Limits, SlotRef,
+    },
     remote::RemoteHealth,
     runtime::{Cursor, Route, Runtime, Slot, Tier},
 };
@@ -34,19 +38,28 @@ pub struct Exhausted {
     pub frees_at: Option<Instant>,
 }
 
-/// Picks the next credential for `model_id` that is not in `tried`, admitting it.
+/// One credential selection may try: a slot and where it sits in its tier.
+#[derive(Clone, Copy, Debug)]
+struct Candidate<'r> {
+    slot: &'r Slot,
+    tier: Tier,
+    position: usize,
+}
+
+/// Calls `visit` with each candidate for `model_id` in selection order (round-robin from the
+/// cursor, primaries before fallbacks), skipping credentials in `tried` and proxies whose
+/// remote refuses the model (counted in `exhausted`), until `visit` breaks.
 #[allow(clippy::too_many_arguments)]
-pub fn select<'r>(
+fn candidates<'r, T>(
     rt: &'r Runtime,
     route: &'r Route,
     model_id: &str,
     cursor: &Cursor,
     tried: &[usize],
-    limits: &dyn Limits,
     remote: &RemoteHealth,
-    now: Instant,
-) -> Result<Pick<'r>, Exhausted> {
-    let mut exhausted = Exhausted::default();
+    exhausted: &mut Exhausted,
+    mut visit: impl FnMut(Candidate<'r>, &mut Exhausted) -> ControlFlow<T>,
+) -> Option<T> {
     for tier in [Tier::Primary, Tier::Fallback] {
         let slots = &route.tiers[tier as usize];
         let n = slots.len();
@@ -65,40 +78,168 @@ pub fn select<'r>(
                 exhausted.remote_refused += 1;
                 continue;
             }
+            let candidate = Candidate {
+                slot,
+                tier,
+                position,
+            };
+            if let ControlFlow::Break(t) = visit(candidate, exhausted) {
+                return Some(t);
+            }
+        }
+    }
+    None
+}
+
+impl Exhausted {
+    /// Counts a candidate that did not admit the request.
+    fn refused(&mut self, admission: Admission) {
+        let frees_at = match admission {
+            Admission::Admitted => return,
+            Admission::Banned { until } => {
+                self.banned += 1;
+                until
+            }
+            Admission::Limited { frees_at } => {
+                self.rate_limited += 1;
+                frees_at
+            }
+        };
+        self.frees_at = match (self.frees_at, frees_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// Picks the next credential for `model_id` that is not in `tried`, admitting it.
+#[allow(clippy::too_many_arguments)]
+pub fn select<'r>(
+    rt: &'r Runtime,
+    route: &'r Route,
+    model_id: &str,
+    cursor: &Cursor,
+    tried: &[usize],
+    limits: &dyn Limits,
+    remote: &RemoteHealth,
+    now: Instant,
+) -> Result<Pick<'r>, Exhausted> {
+    let mut exhausted = Exhausted::default();
+    let picked = candidates(
+        rt,
+        route,
+        model_id,
+        cursor,
+        tried,
+        remote,
+        &mut exhausted,
+        |c, exhausted| {
+            let cred = &rt.credentials[c.slot.cred];
             let admission = limits.admit(
                 SlotRef {
                     credential: &cred.name,
                     state: &cred.state,
                     model: model_id,
-                    limits: rt.slot_limits(slot),
+                    limits: rt.slot_limits(c.slot),
                 },
                 now,
             );
-            let frees_at = match admission {
-                Admission::Admitted => {
-                    cursor.advance_past(tier, position);
-                    return Ok(Pick {
-                        slot,
-                        tier,
-                        skipped: exhausted,
-                    });
+            match admission {
+                Admission::Admitted => ControlFlow::Break(c),
+                refused => {
+                    exhausted.refused(refused);
+                    ControlFlow::Continue(())
                 }
-                Admission::Banned { until } => {
-                    exhausted.banned += 1;
-                    until
+            }
+        },
+    );
+    match picked {
+        Some(c) => {
+            cursor.advance_past(c.tier, c.position);
+            Ok(Pick {
+                slot: c.slot,
+                tier: c.tier,
+                skipped: exhausted,
+            })
+        }
+        None => Err(exhausted),
+    }
+}
+
+/// [`select`] with the Redis backend: every candidate goes to Redis in one call, which admits
+/// the first with room. When Redis does not answer, the local share decides
+/// ([`SharedLimits::fallback`]).
+pub async fn select_shared<'r>(
+    rt: &'r Runtime,
+    route: &'r Route,
+    model_id: &str,
+    cursor: &Cursor,
+    tried: &[usize],
+    shared: &SharedLimits,
+    remote: &RemoteHealth,
+) -> Result<Pick<'r>, Exhausted> {
+    if shared.available() {
+        let mut exhausted = Exhausted::default();
+        let mut listed: Vec<Candidate<'r>> = Vec::new();
+        candidates::<()>(
+            rt,
+            route,
+            model_id,
+            cursor,
+            tried,
+            remote,
+            &mut exhausted,
+            |c, _| {
+                listed.push(c);
+                ControlFlow::Continue(())
+            },
+        );
+        if listed.is_empty() {
+            return Err(exhausted);
+        }
+        let asked: Vec<shared::Candidate<'_>> = listed
+            .iter()
+            .map(|c| shared::Candidate {
+                credential: &rt.credentials[c.slot.cred].name,
+                limits: rt.slot_limits(c.slot),
+            })
+            .collect();
+        if let Ok(verdicts) = shared.admit(model_id, &asked).await {
+            for (c, refusal) in listed.iter().zip(&verdicts.refused) {
+                if let Refusal::Banned { code, until } = *refusal {
+                    let ban = Ban { code, until };
+                    rt.credentials[c.slot.cred]
+                        .state
+                        .mirror_ban(model_id, None, Some(ban));
                 }
-                Admission::Limited { frees_at } => {
-                    exhausted.rate_limited += 1;
-                    frees_at
-                }
+                exhausted.refused(refusal.admission());
+            }
+            let Some(c) = verdicts.admitted.map(|i| listed[i]) else {
+                return Err(exhausted);
             };
-            exhausted.frees_at = match (exhausted.frees_at, frees_at) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            cursor.advance_past(c.tier, c.position);
+            rt.credentials[c.slot.cred].state.mirror_admitted(
+                model_id,
+                &rt.slot_limits(c.slot),
+                Instant::now(),
+            );
+            return Ok(Pick {
+                slot: c.slot,
+                tier: c.tier,
+                skipped: exhausted,
+            });
         }
     }
-    Err(exhausted)
+    select(
+        rt,
+        route,
+        model_id,
+        cursor,
+        tried,
+        &shared.fallback(),
+        remote,
+        Instant::now(),
+    )
 }
 
 #[cfg(test)]

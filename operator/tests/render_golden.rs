@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use airouter::config::RouterConfig;
 use airouter_crds::{CredentialSpec, RouterPoolSpec};
 use airouter_operator::router_pool::{
-    render::render_config, ProxyTarget, Resolved, ResolvedCredential,
+    render::render_config, ProxyTarget, Resolved, ResolvedCredential, SharedLimits,
 };
 use serde::Deserialize;
 
@@ -19,6 +19,14 @@ struct Input {
     master_key: String,
     admin_token: String,
     credentials: Vec<InputCredential>,
+    shared_limits: Option<InputShared>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InputShared {
+    redis_url: String,
+    key_prefix: String,
 }
 
 #[derive(Deserialize)]
@@ -58,6 +66,10 @@ fn render(dir: &Path) -> (RouterConfig, String) {
                 vertex_credentials_json: c.vertex_credentials_json,
             })
             .collect(),
+        shared_limits: input.shared_limits.map(|s| SharedLimits {
+            redis_url: s.redis_url,
+            key_prefix: s.key_prefix,
+        }),
     };
     let config = render_config(&input.pool, &resolved).expect("renders");
     let yaml = config.to_yaml();

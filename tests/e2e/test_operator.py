@@ -8,13 +8,15 @@ import base64
 import json
 import pathlib
 import signal
+import socket
+import subprocess
 import statistics
 import tempfile
 import time
 
 import pytest
 
-from cluster import ROOT, TARGET, Kubelet, MockProvider, Operator, http, wait_for
+from cluster import ROOT, TARGET, Kubelet, MockProvider, Operator, free_port, http, wait_for
 
 EXAMPLES = ROOT / "examples" / "kubernetes"
 LEASE_NS = "airouter-system"
@@ -218,6 +220,59 @@ def test_a_missing_secret_leaves_the_credential_out_and_the_rest_serving(env):
     wait_for("orphan in the pod's config",
              lambda: [c["name"] for c in pod.admin("/admin/state", token)["credentials"]] == ["good", "orphan"])
     kubelet.stop_pod(pod)
+
+
+def test_replicas_share_their_limits_in_redis(env, tmp_path):
+    """`spec.rateLimit.backend: redis`: the URL comes from a Secret (a missing one is a
+    condition naming the field), the limits reach the pods whole, and two pods together admit
+    exactly the credential's RPM through a real redis-server."""
+    cp, mock, kubelet = env.cp, env.mock, env.kubelet
+    port = free_port()
+    redis = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                              "--appendonly", "no", "--requirepass", "e2e-redis-pass", "--dir", str(tmp_path)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ns = cp.new_namespace("redis")
+        cp.apply(simple_pool(ns, mock.url, replicas=2, credentials={"c1": {"rpm": 3}}))
+        cp.kubectl("patch", "routerpool", "p", "-n", ns, "--type=merge", "-p", json.dumps(
+            {"spec": {"rateLimit": {"backend": "redis", "redis": {"urlSecretRef": {"name": "redis", "key": "url"}}}}}))
+        ready = wait_for("Ready=False for the missing Redis Secret",
+                         lambda: (c := cp.condition("routerpool", "p", ns, "Ready")) and c["status"] == "False" and c)
+        assert ready["reason"] == "SecretNotFound", ready
+        assert "spec.rateLimit.redis.urlSecretRef" in ready["message"], ready
+
+        url = f"redis://:e2e-redis-pass@127.0.0.1:{port}/0"
+        wait_for("redis-server answers", lambda: redis_ping(port))
+        cp.kubectl("-n", ns, "create", "secret", "generic", "redis", f"--from-literal=url={url}")
+        pods = kubelet.run_deployment(ns, "p")
+        assert len(pods) == 2
+        wait_ready(cp, "routerpool", "p", ns)
+        config = base64.b64decode(cp.get("secret", "p-config", ns)["data"]["config.yaml"]).decode()
+        assert "backend: redis" in config and f"key_prefix: {ns}/p" in config and "replicas: 2" in config, config
+        assert "rpm: 3" in config, "with Redis the limit is not split per replica"
+
+        key = f"sk-master-{ns}"
+        assert [chat(pod, key)[0] for pod in (pods[0], pods[1], pods[0])] == [200, 200, 200]
+        assert [chat(pod, key)[0] for pod in pods] == [503, 503], "3 RPM for the pool, not per pod"
+
+        # The password never shows in what the operator writes for people to read.
+        pool = json.dumps(cp.get("routerpool", "p", ns))
+        evts = json.dumps(cp.items("events.events.k8s.io", ns))
+        assert "e2e-redis-pass" not in pool and "e2e-redis-pass" not in evts
+        for pod in pods:
+            kubelet.stop_pod(pod)
+    finally:
+        redis.kill()
+        redis.wait()
+
+
+def redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+    except OSError:
+        return False
 
 
 def test_a_pod_that_starts_on_a_stale_config_is_brought_up_to_date(env):

@@ -59,6 +59,58 @@ pub struct RouterConfig {
     pub models: Vec<ModelConfig>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub model_alias: BTreeMap<String, String>,
+    /// Ours: where RPM/TPM windows and bans live. Omitted when it is the default (local), so
+    /// configs without it keep their hash.
+    #[serde(skip_serializing_if = "RateLimitConfig::is_default")]
+    pub rate_limit: RateLimitConfig,
+}
+
+/// Ours: the `rate_limit` section.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RateLimitConfig {
+    pub backend: RateLimitBackend,
+    /// `redis://[user:password@]host[:port][/db]`, `rediss://…` (TLS) or `unix:///path`;
+    /// required with the redis backend. It may carry a password: a [`Secret`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<Secret>,
+    /// Namespaces the keys, so routers of different pools can share one Redis.
+    pub key_prefix: String,
+    /// How many replicas share the limits. With the redis backend, while Redis cannot be
+    /// reached each replica enforces `limit / replicas` locally (never the whole limit).
+    pub replicas: u32,
+    /// How long one Redis call may take before the request goes on without it.
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+}
+
+impl RateLimitConfig {
+    pub const DEFAULT_PREFIX: &'static str = "airouter";
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
+
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            backend: RateLimitBackend::Local,
+            redis_url: None,
+            key_prefix: Self::DEFAULT_PREFIX.into(),
+            replicas: 1,
+            timeout: Self::DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitBackend {
+    /// Windows and bans in process: each replica enforces its own.
+    Local,
+    /// Windows and bans in Redis, shared by every replica (atomic Lua scripts).
+    Redis,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]

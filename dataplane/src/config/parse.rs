@@ -10,7 +10,7 @@ use serde_yaml::{Mapping, Value};
 use super::{
     duration, BanDuration, ConfigError, CredentialConfig, CredentialType, ErrorCodeRule,
     Fail2BanConfig, HttpVersion, Limit, Loaded, LogLevel, MockConfig, ModelConfig,
-    MonitoringConfig, Problem, RouterConfig, ServerConfig,
+    MonitoringConfig, Problem, RateLimitBackend, RateLimitConfig, RouterConfig, ServerConfig,
 };
 use crate::secret::Secret;
 
@@ -23,6 +23,7 @@ const TOP_KEYS: &[&str] = &[
     "credentials",
     "models",
     "model_alias",
+    "rate_limit",
     "litellm_db",
 ];
 const SERVER_KEYS: &[&str] = &[
@@ -79,6 +80,7 @@ const FAIL2BAN_KEYS: &[&str] = &[
 ];
 const RULE_KEYS: &[&str] = &["code", "max_attempts", "ban_duration"];
 const MONITORING_KEYS: &[&str] = &["prometheus_enabled", "log_errors", "errors_log_path"];
+const RATE_LIMIT_KEYS: &[&str] = &["backend", "redis_url", "key_prefix", "replicas", "timeout"];
 
 pub(super) fn parse(
     text: &str,
@@ -174,6 +176,7 @@ impl Parser<'_> {
         let credentials = self.credentials(top.get("credentials"));
         let models = self.models(top.get("models"), &credentials);
         let model_alias = self.aliases(top.get("model_alias"));
+        let rate_limit = self.rate_limit(top.get("rate_limit"));
         Some(RouterConfig {
             server: server?,
             fail2ban,
@@ -181,6 +184,7 @@ impl Parser<'_> {
             credentials,
             models,
             model_alias,
+            rate_limit,
         })
     }
 
@@ -699,6 +703,73 @@ impl Parser<'_> {
         }
     }
 
+    fn rate_limit(&mut self, v: Option<&Value>) -> RateLimitConfig {
+        let m = self.mapping(v, "rate_limit", RATE_LIMIT_KEYS);
+        let f = "rate_limit";
+        let defaults = RateLimitConfig::default();
+        let backend = self
+            .parsed(m, "backend", f, true, "local or redis", |s| match s {
+                "local" => Ok(RateLimitBackend::Local),
+                "redis" => Ok(RateLimitBackend::Redis),
+                _ => Err(String::new()),
+            })
+            .unwrap_or(defaults.backend);
+        // Never echo the URL in a problem: it may hold a password.
+        let redis_url = self.string(m, "redis_url", f, true);
+        if let Some(url) = &redis_url {
+            if let Err(why) = crate::limit::shared::check_url(url) {
+                self.error(
+                    "rate_limit.redis_url",
+                    format!("not a Redis URL ({why}); expected redis://[user:password@]host[:port][/db], rediss://… or unix:///path"),
+                );
+            }
+        }
+        if backend == RateLimitBackend::Redis && redis_url.is_none() {
+            self.error(
+                "rate_limit.redis_url",
+                "required when rate_limit.backend is redis",
+            );
+        }
+        let key_prefix = self
+            .string(m, "key_prefix", f, true)
+            .unwrap_or(defaults.key_prefix);
+        if key_prefix.contains(['{', '}']) {
+            self.error(
+                "rate_limit.key_prefix",
+                format!("invalid key_prefix: {key_prefix:?} (braces are reserved: the prefix becomes a Redis Cluster hash tag)"),
+            );
+        }
+        let replicas = match self.int(m, "replicas", f, true) {
+            None => defaults.replicas,
+            Some(n) if (1..=i64::from(u32::MAX)).contains(&n) => n as u32,
+            Some(n) => {
+                self.error(
+                    "rate_limit.replicas",
+                    format!("invalid replicas: {n} (must be at least 1)"),
+                );
+                defaults.replicas
+            }
+        };
+        let timeout = match self.duration(m, "timeout", f, true) {
+            None => defaults.timeout,
+            Some(d) if d > Duration::ZERO => d,
+            Some(_) => {
+                self.error(
+                    "rate_limit.timeout",
+                    "invalid timeout: must be longer than 0",
+                );
+                defaults.timeout
+            }
+        };
+        RateLimitConfig {
+            backend,
+            redis_url: redis_url.map(Secret::new),
+            key_prefix,
+            replicas,
+            timeout,
+        }
+    }
+
     fn credentials(&mut self, v: Option<&Value>) -> Vec<CredentialConfig> {
         let items = match v {
             Some(Value::Sequence(items)) if !items.is_empty() => items,
@@ -1211,6 +1282,45 @@ mod tests {
         let dup =
             format!("{MINIMAL}fail2ban: {{error_code_rules: [{{code: 401}}, {{code: 401}}]}}\n");
         assert_eq!(fields(&dup), vec!["fail2ban.error_code_rules[1].code"]);
+    }
+
+    #[test]
+    fn rate_limit_section() {
+        let local = parse(MINIMAL, &no_env).unwrap().config;
+        assert_eq!(local.rate_limit, RateLimitConfig::default());
+        assert!(
+            !local.to_yaml().contains("rate_limit"),
+            "the default is not rendered, so existing configs keep their hash"
+        );
+        let text = format!(
+            "{MINIMAL}rate_limit: {{backend: redis, redis_url: os.environ/REDIS_URL, key_prefix: ns/pool, replicas: 3, timeout: 100ms}}\n"
+        );
+        let env = |k: &str| (k == "REDIS_URL").then(|| "redis://:pw@cache:6379/2".to_string());
+        let shared = parse(&text, &env).unwrap().config;
+        let r = &shared.rate_limit;
+        assert_eq!(r.backend, RateLimitBackend::Redis);
+        assert_eq!(
+            r.redis_url.as_ref().map(Secret::expose),
+            Some("redis://:pw@cache:6379/2")
+        );
+        assert_eq!((r.key_prefix.as_str(), r.replicas), ("ns/pool", 3));
+        assert_eq!(r.timeout, Duration::from_millis(100));
+        assert!(!format!("{r:?}").contains(":pw@"), "Debug redacts the URL");
+        let again = parse(&shared.to_yaml(), &no_env).unwrap().config;
+        assert_eq!(again, shared, "the rendered section reads back equal");
+
+        let bad = format!(
+            "{MINIMAL}rate_limit: {{backend: memcached, key_prefix: '{{x}}', replicas: -1, timeout: 0s}}\n"
+        );
+        assert_eq!(
+            fields(&bad),
+            vec![
+                "rate_limit.backend",
+                "rate_limit.key_prefix",
+                "rate_limit.replicas",
+                "rate_limit.timeout"
+            ]
+        );
     }
 
     #[test]

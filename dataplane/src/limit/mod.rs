@@ -3,10 +3,11 @@
 //!
 //! Selection never touches this state directly; it asks a [`Limits`] backend to admit a slot.
 //! [`LocalLimits`] keeps the state in process ([`CredState`], one lock per credential, held for
-//! a few hundred nanoseconds and never across an `.await`); a shared backend (Redis) implements
-//! the same trait.
+//! a few hundred nanoseconds and never across an `.await`); the Redis backend
+//! ([`shared::SharedLimits`]) shares them between replicas and falls back on the local state.
 
 pub mod fail2ban;
+pub mod shared;
 mod window;
 
 use std::{
@@ -259,6 +260,39 @@ impl CredState {
             .get_mut(model)?
             .bans
             .record(outcome, policy, now)
+    }
+
+    /// Records a request the shared backend admitted (this replica's view, for `/health`,
+    /// the admin state and the local fallback).
+    pub fn mirror_admitted(&self, model: &str, limits: &SlotLimits, now: Instant) {
+        let mut inner = self.inner.lock();
+        inner.rpm.add(now, 1);
+        let required = limits.model_rpm != Limit::Unlimited || limits.model_tpm != Limit::Unlimited;
+        if inner.ensure_pair(model, required) {
+            if let Some(pair) = inner.pairs.get_mut(model) {
+                pair.rpm.add(now, 1);
+            }
+        }
+    }
+
+    /// Records a ban the shared backend reported, and the outcome's status as the last error.
+    pub fn mirror_ban(&self, model: &str, status: Option<u16>, ban: Option<Ban>) {
+        let mut inner = self.inner.lock();
+        if status.is_none_or(|s| s < 400) && ban.is_none() {
+            return;
+        }
+        if !inner.ensure_pair(model, ban.is_some()) {
+            return;
+        }
+        if let Some(pair) = inner.pairs.get_mut(model) {
+            if let Some(s) = status.filter(|s| *s >= 400) {
+                pair.bans.last_error = Some(s);
+            }
+            if let Some(ban) = ban {
+                pair.bans.strikes.clear();
+                pair.bans.ban = Some(ban);
+            }
+        }
     }
 
     /// Models whose ban expired since the last call.

@@ -35,6 +35,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, Notify};
 
 /// Master key used by the tests (distinctive so that log scans are meaningful).
@@ -1440,4 +1441,108 @@ fn stream_response(
         .header("cache-control", "no-cache")
         .body(ChannelBody(rx).boxed())
         .expect("stream response")
+}
+
+// ---------------------------------------------------------------------------
+// Redis
+// ---------------------------------------------------------------------------
+
+/// A real `redis-server` on 127.0.0.1 (no persistence), killed on drop. Debian's
+/// `redis-server` package provides it; `tests/run.sh` installs it.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts on a free port.
+    pub async fn start() -> RedisServer {
+        Self::start_on(free_port()).await
+    }
+
+    /// Starts on `port` and waits (bounded) until it answers `PING`.
+    pub async fn start_on(port: u16) -> RedisServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is missing: install Debian's redis-server (tests/run.sh does)");
+        let server = RedisServer {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for _ in 0..500 {
+            if server.command(&["PING"]).await.as_deref() == Some("+PONG") {
+                return server;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("redis-server did not answer PING");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Sends one command (a RESP array of bulk strings); `None` when the server cannot be
+    /// reached.
+    async fn send(&self, args: &[&str]) -> Option<BufReader<tokio::net::TcpStream>> {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .ok()?;
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        stream.write_all(req.as_bytes()).await.ok()?;
+        Some(BufReader::new(stream))
+    }
+
+    async fn line(reader: &mut BufReader<tokio::net::TcpStream>) -> Option<String> {
+        let mut line = String::new();
+        tokio::time::timeout(Duration::from_secs(2), reader.read_line(&mut line))
+            .await
+            .ok()?
+            .ok()?;
+        Some(line.trim_end().to_string())
+    }
+
+    /// Sends one command and returns the first line of the reply (`+PONG`, `:1`, `$2`…).
+    pub async fn command(&self, args: &[&str]) -> Option<String> {
+        Self::line(&mut self.send(args).await?).await
+    }
+
+    /// Sends one command and returns a bulk-string reply's value (`None` for a nil reply or
+    /// when the server cannot be reached).
+    pub async fn command_value(&self, args: &[&str]) -> Option<String> {
+        let mut reader = self.send(args).await?;
+        let head = Self::line(&mut reader).await?;
+        if !head.starts_with('$') || head == "$-1" {
+            return None;
+        }
+        Self::line(&mut reader).await
+    }
+
+    /// Stops the server (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

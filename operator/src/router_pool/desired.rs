@@ -322,6 +322,7 @@ mod tests {
         Resolved {
             master_key: master_key.into(),
             admin_token: "adm".into(),
+            shared_limits: None,
             credentials: vec![ResolvedCredential {
                 name: "c".into(),
                 spec: serde_json::from_value(

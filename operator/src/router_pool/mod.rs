@@ -42,6 +42,17 @@ pub struct Resolved {
     pub admin_token: String,
     /// The Credentials the selector picked whose references all resolved, in any order.
     pub credentials: Vec<ResolvedCredential>,
+    /// `spec.rateLimit.backend: redis`: where the replicas share their limits.
+    pub shared_limits: Option<SharedLimits>,
+}
+
+/// The Redis a pool's replicas share windows and bans in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedLimits {
+    /// From `spec.rateLimit.redis.urlSecretRef`.
+    pub redis_url: String,
+    /// `<namespace>/<pool>`: pools sharing one Redis keep apart.
+    pub key_prefix: String,
 }
 
 /// One selected Credential with its Secrets read.

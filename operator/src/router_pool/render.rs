@@ -8,7 +8,7 @@ use airouter::{
     config::{
         duration, BanDuration, CredentialConfig, CredentialType as DpType, ErrorCodeRule,
         Fail2BanConfig, HttpVersion as DpHttpVersion, Limit, LogLevel, ModelConfig,
-        MonitoringConfig, RouterConfig, ServerConfig,
+        MonitoringConfig, RateLimitBackend, RateLimitConfig, RouterConfig, ServerConfig,
     },
     secret::Secret,
 };
@@ -50,7 +50,8 @@ impl RenderError {
 ///
 /// With the local rate-limit backend each replica enforces its share of every limit
 /// (`limit / replicas`, at least 1), so the pool as a whole never admits more than the
-/// configured quota (§12.14).
+/// configured quota (§12.14). With Redis the replicas share whole limits, and fall back on
+/// the same share (the data plane divides by `rate_limit.replicas`) while Redis is down.
 pub fn render_config(
     spec: &RouterPoolSpec,
     resolved: &Resolved,
@@ -63,7 +64,20 @@ pub fn render_config(
                 .into(),
         });
     }
-    let share = Share(spec.replicas.max(1) as u64);
+    let replicas = spec.replicas.max(1) as u32;
+    let (share, rate_limit) = match &resolved.shared_limits {
+        None => (Share(u64::from(replicas)), RateLimitConfig::default()),
+        Some(shared) => (
+            Share(1),
+            RateLimitConfig {
+                backend: RateLimitBackend::Redis,
+                redis_url: Some(Secret::new(shared.redis_url.as_str())),
+                key_prefix: shared.key_prefix.clone(),
+                replicas,
+                ..RateLimitConfig::default()
+            },
+        ),
+    };
     let mut credentials: Vec<&ResolvedCredential> = resolved.credentials.iter().collect();
     credentials.sort_by(|a, b| a.name.cmp(&b.name));
     let server = server(spec, resolved, share)?;
@@ -91,6 +105,7 @@ pub fn render_config(
         credentials: rendered,
         models,
         model_alias: spec.model_aliases.clone(),
+        rate_limit,
     })
 }
 
@@ -286,6 +301,7 @@ mod tests {
         Resolved {
             master_key: "m".into(),
             admin_token: "a".into(),
+            shared_limits: None,
             credentials: vec![ResolvedCredential {
                 name: "c".into(),
                 spec: serde_json::from_value(spec).unwrap(),
@@ -347,6 +363,7 @@ mod tests {
             master_key: "m".into(),
             admin_token: "a".into(),
             credentials: vec![],
+            shared_limits: None,
         };
         let err = render_config(&pool(), &empty).unwrap_err();
         assert!(err.to_string().contains("spec.credentialSelector"), "{err}");

@@ -9,7 +9,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use airouter_crds::{credential::SecretKeyRef, Credential, RouterPool};
+use airouter_crds::{
+    credential::SecretKeyRef, router_pool::RateLimitBackend, Credential, RouterPool,
+};
 use futures::future::try_join_all;
 use k8s_openapi::{api::core::v1::Secret, ByteString};
 use kube::{
@@ -19,7 +21,7 @@ use kube::{
     Client, Resource, ResourceExt,
 };
 
-use super::{desired, ProxyTarget, Resolved, ResolvedCredential};
+use super::{desired, ProxyTarget, Resolved, ResolvedCredential, SharedLimits};
 use crate::error::{Error, Result};
 
 /// The key of the generated admin token in the `<pool>-admin` Secret.
@@ -243,6 +245,14 @@ pub async fn resolve(
     let secrets_api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
     let admin_token = ensure_admin_token(&secrets_api, pool).await?;
     let mut names = BTreeSet::from([pool.spec.master_key_secret_ref.name.clone()]);
+    let redis_ref = pool
+        .spec
+        .rate_limit
+        .as_ref()
+        .filter(|r| r.backend == RateLimitBackend::Redis)
+        .and_then(|r| r.redis.as_ref())
+        .map(|r| &r.url_secret_ref);
+    names.extend(redis_ref.map(|r| r.name.clone()));
     for cred in selected.iter().filter_map(|c| c.0.as_ref().ok()) {
         names.extend(secret_names(cred, &lookup_pool));
     }
@@ -263,6 +273,29 @@ pub async fn resolve(
                 field: "spec.masterKeySecretRef",
             },
         })?;
+
+    let shared_limits = match redis_ref {
+        None => None,
+        Some(r) => {
+            const FIELD: &str = "spec.rateLimit.redis.urlSecretRef";
+            let redis_url = secrets.value(r, FIELD).map_err(|p| match p.reason {
+                "SecretNotFound" => Error::SecretNotFound {
+                    namespace: namespace.clone(),
+                    secret: r.name.clone(),
+                    field: FIELD,
+                },
+                _ => Error::SecretKeyMissing {
+                    secret: r.name.clone(),
+                    key: r.key.clone(),
+                    field: FIELD,
+                },
+            })?;
+            Some(SharedLimits {
+                redis_url,
+                key_prefix: format!("{namespace}/{pool_name}"),
+            })
+        }
+    };
 
     let mut resolved = Vec::new();
     let mut skipped = Vec::new();
@@ -289,6 +322,7 @@ pub async fn resolve(
             master_key,
             admin_token,
             credentials: resolved,
+            shared_limits,
         },
         skipped,
     })

@@ -1,0 +1,654 @@
+//! The Redis backend (`rate_limit.backend: redis`): RPM/TPM windows and bans shared by every
+//! replica of a pool, so N replicas admit exactly what one would.
+//!
+//! Each decision is one Lua script, which Redis runs atomically, with Redis's own clock (the
+//! replicas' clocks need not agree):
+//! - [`ADMIT`] walks the candidates of one request in selection order and admits the first
+//!   that is neither banned nor at a limit — one round trip per request, however many
+//!   credentials are full;
+//! - [`CHARGE`] adds the tokens a provider reported;
+//! - [`OUTCOME`] counts fail2ban strikes and sets the ban.
+//!
+//! Windows are exact like the local ones: a sorted set of events scored by time (TPM events
+//! carry their token count, with a running sum beside the set). Every key lives under the hash
+//! tag `{key_prefix}`, so one script's keys share a Redis Cluster slot.
+//!
+//! The in-process [`CredState`](super::CredState) keeps mirroring what this replica admits,
+//! charges and sees banned, for `/health`, `/admin/state` and metrics — and it is what
+//! enforcement falls back on when Redis does not answer within `rate_limit.timeout`: each
+//! replica then enforces `limit / replicas` (never the whole limit), and Redis is tried again
+//! after [`RETRY_AFTER_FAILURE`].
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, OnceLock,
+    },
+    time::{Duration, Instant},
+};
+
+use parking_lot::Mutex;
+use redis::{aio::ConnectionManager, Script};
+use tracing::{info, warn};
+
+use super::{
+    fail2ban::{Ban, Outcome, Policy, RuleDuration},
+    Admission, Limits, LocalLimits, SlotLimits, SlotRef, WINDOW,
+};
+use crate::config::{BanDuration, Limit, RateLimitConfig};
+
+/// After Redis fails, requests use the local share for this long before Redis is tried again
+/// (so an outage does not add `rate_limit.timeout` to every request).
+pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+/// Strikes without a ban are forgotten after this long without a new one.
+const STRIKES_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Checks a `rate_limit.redis_url` without echoing it (it may hold a password).
+pub fn check_url(url: &str) -> Result<(), String> {
+    redis::Client::open(url)
+        .map(drop)
+        .map_err(|e| format!("{:?}", e.kind()).to_lowercase())
+}
+
+/// One candidate of a request, as [`ADMIT`] sees it.
+pub struct Candidate<'a> {
+    pub credential: &'a str,
+    pub limits: SlotLimits,
+}
+
+/// What [`SharedLimits::admit`] decided for the candidates, in order: the index of the one
+/// admitted (if any) and the verdict on each one passed over before it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Verdicts {
+    pub admitted: Option<usize>,
+    pub refused: Vec<Refusal>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    Banned { code: u16, until: Option<Instant> },
+    Limited { frees_at: Option<Instant> },
+}
+
+impl Refusal {
+    pub fn admission(&self) -> Admission {
+        match *self {
+            Refusal::Banned { until, .. } => Admission::Banned { until },
+            Refusal::Limited { frees_at } => Admission::Limited { frees_at },
+        }
+    }
+}
+
+pub struct SharedLimits {
+    settings: RateLimitConfig,
+    client: redis::Client,
+    conn: OnceLock<ConnectionManager>,
+    /// `{key_prefix}`: the hash tag every key starts with.
+    tag: String,
+    /// Until when Redis is skipped after a failure.
+    down_until: Mutex<Option<Instant>>,
+    up: AtomicBool,
+    errors: AtomicU64,
+    admit: Script,
+    charge: Script,
+    outcome: Script,
+}
+
+impl std::fmt::Debug for SharedLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedLimits")
+            .field("key_prefix", &self.settings.key_prefix)
+            .field("up", &self.up.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedLimits {
+    /// A backend for validated settings; it connects on first use, so a router whose Redis
+    /// is down still starts (and enforces its local share until Redis answers).
+    pub fn new(settings: &RateLimitConfig) -> Option<Arc<SharedLimits>> {
+        let url = settings.redis_url.as_ref()?;
+        let client = redis::Client::open(url.expose()).ok()?;
+        Some(Arc::new(SharedLimits {
+            settings: settings.clone(),
+            client,
+            conn: OnceLock::new(),
+            tag: format!("{{{}}}", settings.key_prefix),
+            down_until: Mutex::new(None),
+            up: AtomicBool::new(true),
+            errors: AtomicU64::new(0),
+            admit: Script::new(ADMIT),
+            charge: Script::new(CHARGE),
+            outcome: Script::new(OUTCOME),
+        }))
+    }
+
+    /// The settings this backend was built from (a reload with equal settings keeps it).
+    pub fn settings(&self) -> &RateLimitConfig {
+        &self.settings
+    }
+
+    /// Whether the last call reached Redis.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Calls that failed or timed out since start.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    /// The limits each replica enforces on its own while Redis is unreachable.
+    pub fn fallback(&self) -> LocalShare {
+        LocalShare(self.settings.replicas.max(1))
+    }
+
+    /// False while a recent failure says not to wait for Redis.
+    pub fn available(&self) -> bool {
+        self.down_until
+            .lock()
+            .is_none_or(|until| Instant::now() >= until)
+    }
+
+    fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
+        if let Some(c) = self.conn.get() {
+            return Ok(c.clone());
+        }
+        let timeout = self.settings.timeout;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(RETRY_AFTER_FAILURE);
+        let c = ConnectionManager::new_lazy_with_config(self.client.clone(), config)?;
+        Ok(self.conn.get_or_init(|| c).clone())
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[i64],
+    ) -> Result<T, String> {
+        let call = async {
+            let mut conn = self.connection()?;
+            let mut invocation = script.prepare_invoke();
+            for k in keys {
+                invocation.key(k);
+            }
+            for a in args {
+                invocation.arg(*a);
+            }
+            invocation.invoke_async::<T>(&mut conn).await
+        };
+        let result = match tokio::time::timeout(self.settings.timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(describe(&e)),
+            Err(_) => Err(format!(
+                "no answer within rate_limit.timeout ({:?})",
+                self.settings.timeout
+            )),
+        };
+        match &result {
+            Ok(_) => {
+                if !self.up.swap(true, Ordering::Relaxed) {
+                    info!("the Redis rate-limit backend answers again; limits are shared");
+                }
+                *self.down_until.lock() = None;
+            }
+            Err(why) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                *self.down_until.lock() = Some(Instant::now() + RETRY_AFTER_FAILURE);
+                if self.up.swap(false, Ordering::Relaxed) {
+                    warn!(
+                        replicas = self.settings.replicas,
+                        "the Redis rate-limit backend failed ({why}); each replica enforces limit / replicas locally until it answers"
+                    );
+                }
+            }
+        }
+        result
+    }
+
+    fn cred_key(&self, credential: &str, what: &str) -> String {
+        format!("{}:c:{}:{credential}:{what}", self.tag, credential.len())
+    }
+
+    fn pair_key(&self, credential: &str, model: &str, what: &str) -> String {
+        format!(
+            "{}:p:{}:{credential}:{model}:{what}",
+            self.tag,
+            credential.len()
+        )
+    }
+
+    /// Admits the first candidate that is neither banned nor at a limit, recording one
+    /// request on its windows; `Err` when Redis did not answer (the caller falls back).
+    pub async fn admit(
+        &self,
+        model: &str,
+        candidates: &[Candidate<'_>],
+    ) -> Result<Verdicts, String> {
+        let mut keys = Vec::with_capacity(1 + candidates.len() * 7);
+        keys.push(format!("{}:seq", self.tag));
+        let mut args = Vec::with_capacity(2 + candidates.len() * 4);
+        args.push(WINDOW.as_millis() as i64);
+        args.push(key_ttl_ms());
+        for c in candidates {
+            keys.push(self.cred_key(c.credential, "rpm"));
+            keys.push(self.cred_key(c.credential, "tpm"));
+            keys.push(self.cred_key(c.credential, "tpm:sum"));
+            keys.push(self.pair_key(c.credential, model, "rpm"));
+            keys.push(self.pair_key(c.credential, model, "tpm"));
+            keys.push(self.pair_key(c.credential, model, "tpm:sum"));
+            keys.push(self.pair_key(c.credential, model, "ban"));
+            for l in [
+                c.limits.rpm,
+                c.limits.tpm,
+                c.limits.model_rpm,
+                c.limits.model_tpm,
+            ] {
+                args.push(l.as_i64());
+            }
+        }
+        let reply: Vec<i64> = self.run(&self.admit, &keys, &args).await?;
+        parse_verdicts(&reply, candidates.len(), Instant::now())
+    }
+
+    /// Adds `tokens` to the credential's TPM window, and to the pair's when it has a limit.
+    pub async fn charge_tokens(
+        &self,
+        credential: &str,
+        model: &str,
+        limits: SlotLimits,
+        tokens: u64,
+    ) -> Result<(), String> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let keys = [
+            format!("{}:seq", self.tag),
+            self.cred_key(credential, "tpm"),
+            self.cred_key(credential, "tpm:sum"),
+            self.pair_key(credential, model, "tpm"),
+            self.pair_key(credential, model, "tpm:sum"),
+        ];
+        let pair = i64::from(limits.model_tpm != Limit::Unlimited);
+        let args = [key_ttl_ms(), tokens.min(i64::MAX as u64) as i64, pair];
+        self.run::<i64>(&self.charge, &keys, &args).await.map(drop)
+    }
+
+    /// [`SharedLimits::charge_tokens`] off the request path: the answer has already been
+    /// counted locally, and a failure is logged by the backend.
+    pub fn charge_in_background(
+        self: &Arc<Self>,
+        credential: Arc<str>,
+        model: Arc<str>,
+        limits: SlotLimits,
+        tokens: u64,
+    ) {
+        if tokens == 0 || !self.available() {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _ = this
+                .charge_tokens(&credential, &model, limits, tokens)
+                .await;
+        });
+    }
+
+    /// A success, off the request path: it resets the pair's strikes and can cause no ban,
+    /// so the answer need not wait for Redis.
+    pub fn record_success_in_background(self: &Arc<Self>, credential: Arc<str>, model: Arc<str>) {
+        if !self.available() {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let keys = [
+                this.pair_key(&credential, &model, "ban"),
+                this.pair_key(&credential, &model, "strikes"),
+            ];
+            let _ = this
+                .run::<i64>(&this.outcome, &keys, &[200, 0, 0, 0, 0])
+                .await;
+        });
+    }
+
+    /// Feeds one outcome to the shared fail2ban state; returns the ban it caused.
+    pub async fn record_outcome(
+        &self,
+        credential: &str,
+        model: &str,
+        outcome: Outcome,
+        policy: &Policy,
+    ) -> Result<Option<Ban>, String> {
+        let keys = [
+            self.pair_key(credential, model, "ban"),
+            self.pair_key(credential, model, "strikes"),
+        ];
+        let success = (200..300).contains(&outcome.status);
+        let rule = policy.rule(outcome.status).filter(|_| outcome.counts);
+        let (kind, threshold, duration_ms) = match rule {
+            _ if success => (0, 0, 0),
+            None => (2, 0, 0),
+            Some(rule) => {
+                let duration = match rule.duration {
+                    RuleDuration::Fixed(BanDuration::Permanent) => None,
+                    RuleDuration::Fixed(BanDuration::For(d)) => Some(d),
+                    RuleDuration::RetryAfterOr(d) => Some(outcome.retry_after.unwrap_or(d)),
+                };
+                let ms = duration.map_or(-1, |d| (d.as_millis() as i64).max(1));
+                (1, i64::from(rule.threshold), ms)
+            }
+        };
+        let args = [
+            i64::from(outcome.status),
+            kind,
+            threshold,
+            duration_ms,
+            STRIKES_TTL.as_millis() as i64,
+        ];
+        let started = Instant::now();
+        let banned: i64 = self.run(&self.outcome, &keys, &args).await?;
+        Ok((banned == 1).then(|| Ban {
+            code: outcome.status,
+            until: (duration_ms >= 0).then(|| started + Duration::from_millis(duration_ms as u64)),
+        }))
+    }
+}
+
+fn key_ttl_ms() -> i64 {
+    (WINDOW + Duration::from_secs(1)).as_millis() as i64
+}
+
+fn describe(e: &redis::RedisError) -> String {
+    // The error text of a connection failure names no URL or password; keep it that way by
+    // using only what the error says about itself.
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connection_refusal() {
+        "connection refused".into()
+    } else {
+        e.to_string()
+    }
+}
+
+/// Reads [`ADMIT`]'s reply: the 1-based index admitted (0: none), then three numbers per
+/// candidate passed over — kind (1 banned, 2 limited), milliseconds until it frees (-1: never
+/// for a ban, unknown for a window) and the ban's status code.
+fn parse_verdicts(reply: &[i64], candidates: usize, now: Instant) -> Result<Verdicts, String> {
+    let bad = || format!("unexpected reply from the admission script: {reply:?}");
+    let (&first, rest) = reply.split_first().ok_or_else(bad)?;
+    if first < 0 || first as usize > candidates || rest.len() % 3 != 0 {
+        return Err(bad());
+    }
+    let at = |ms: i64| (ms >= 0).then(|| now + Duration::from_millis(ms as u64));
+    let refused = rest
+        .chunks_exact(3)
+        .map(|r| match r[0] {
+            1 => Ok(Refusal::Banned {
+                code: u16::try_from(r[2]).unwrap_or(0),
+                until: at(r[1]),
+            }),
+            2 => Ok(Refusal::Limited { frees_at: at(r[1]) }),
+            _ => Err(bad()),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Verdicts {
+        admitted: (first > 0).then(|| first as usize - 1),
+        refused,
+    })
+}
+
+/// The local fallback of the Redis backend: the in-process windows with each limit divided
+/// by the replica count (at least 1), as the operator renders it for the local backend.
+#[derive(Clone, Copy, Debug)]
+pub struct LocalShare(pub u32);
+
+impl LocalShare {
+    fn share(&self, limits: SlotLimits) -> SlotLimits {
+        let part = |l: Limit| match l {
+            Limit::Unlimited => Limit::Unlimited,
+            Limit::PerMinute(n) => Limit::PerMinute((n / u64::from(self.0)).max(1)),
+        };
+        SlotLimits {
+            rpm: part(limits.rpm),
+            tpm: part(limits.tpm),
+            model_rpm: part(limits.model_rpm),
+            model_tpm: part(limits.model_tpm),
+        }
+    }
+}
+
+impl Limits for LocalShare {
+    fn admit(&self, slot: SlotRef<'_>, now: Instant) -> Admission {
+        LocalLimits.admit(
+            SlotRef {
+                limits: self.share(slot.limits),
+                ..slot
+            },
+            now,
+        )
+    }
+
+    fn charge_tokens(&self, slot: SlotRef<'_>, tokens: u64, now: Instant) {
+        LocalLimits.charge_tokens(slot, tokens, now)
+    }
+
+    fn record_outcome(
+        &self,
+        slot: SlotRef<'_>,
+        outcome: Outcome,
+        policy: &Policy,
+        now: Instant,
+    ) -> Option<Ban> {
+        LocalLimits.record_outcome(slot, outcome, policy, now)
+    }
+}
+
+/// KEYS: `seq`, then per candidate: credential rpm, tpm, tpm sum; pair rpm, tpm, tpm sum,
+/// ban. ARGV: window ms, key TTL ms, then per candidate: rpm, tpm, model rpm, model tpm
+/// (-1: unlimited). The credential's windows are always kept (a limit added by a reload then
+/// sees the past minute); a pair's only when it has that limit.
+const ADMIT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local horizon = now - window
+
+local function count(k)
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', horizon)
+  return redis.call('ZCARD', k)
+end
+
+local function total(k, sumk)
+  local old = redis.call('ZRANGEBYSCORE', k, '-inf', horizon)
+  if #old > 0 then
+    local gone = 0
+    for _, m in ipairs(old) do
+      gone = gone + tonumber(string.match(m, ':(%d+)$'))
+    end
+    redis.call('ZREMRANGEBYSCORE', k, '-inf', horizon)
+    local left = redis.call('DECRBY', sumk, gone)
+    if left <= 0 then
+      redis.call('DEL', sumk)
+      return 0
+    end
+    return left
+  end
+  return tonumber(redis.call('GET', sumk) or '0')
+end
+
+-- When a full count window frees a slot: its (n - limit + 1)-th oldest event expires.
+local function count_frees(k, n, limit)
+  local e = redis.call('ZRANGE', k, n - limit, n - limit, 'WITHSCORES')
+  if #e < 2 then return -1 end
+  return tonumber(e[2]) + window - now
+end
+
+local function total_frees(k, sum, limit)
+  local e = redis.call('ZRANGE', k, 0, -1, 'WITHSCORES')
+  local left = sum
+  for i = 1, #e, 2 do
+    left = left - tonumber(string.match(e[i], ':(%d+)$'))
+    if left < limit then return tonumber(e[i + 1]) + window - now end
+  end
+  return -1
+end
+
+local out = {0}
+local n = (#KEYS - 1) / 7
+for i = 0, n - 1 do
+  local k = 1 + i * 7
+  local a = 2 + i * 4
+  local rpm, tpm = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local mrpm, mtpm = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local ban = KEYS[k + 7]
+  local ban_ttl = redis.call('PTTL', ban)
+  if ban_ttl ~= -2 then
+    table.insert(out, 1)
+    table.insert(out, ban_ttl)
+    table.insert(out, tonumber(redis.call('GET', ban)) or 0)
+  else
+    local frees = -1
+    local full = false
+    local function full_at(f)
+      full = true
+      if f > frees then frees = f end
+    end
+    local c = count(KEYS[k + 1])
+    if rpm >= 0 and c >= rpm then full_at(count_frees(KEYS[k + 1], c, rpm)) end
+    local s = total(KEYS[k + 2], KEYS[k + 3])
+    if tpm >= 0 and s >= tpm then full_at(total_frees(KEYS[k + 2], s, tpm)) end
+    if mrpm >= 0 then
+      local pc = count(KEYS[k + 4])
+      if pc >= mrpm then full_at(count_frees(KEYS[k + 4], pc, mrpm)) end
+    end
+    if mtpm >= 0 then
+      local ps = total(KEYS[k + 5], KEYS[k + 6])
+      if ps >= mtpm then full_at(total_frees(KEYS[k + 5], ps, mtpm)) end
+    end
+    if full then
+      table.insert(out, 2)
+      table.insert(out, frees)
+      table.insert(out, 0)
+    else
+      local id = now .. '-' .. redis.call('INCR', KEYS[1])
+      redis.call('ZADD', KEYS[k + 1], now, id)
+      redis.call('PEXPIRE', KEYS[k + 1], ttl)
+      if mrpm >= 0 then
+        redis.call('ZADD', KEYS[k + 4], now, id)
+        redis.call('PEXPIRE', KEYS[k + 4], ttl)
+      end
+      out[1] = i + 1
+      return out
+    end
+  end
+end
+return out
+"#;
+
+/// KEYS: `seq`, credential tpm, tpm sum, pair tpm, tpm sum. ARGV: key TTL ms, tokens, 1 when
+/// the pair keeps a TPM window.
+const CHARGE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+local id = now .. '-' .. redis.call('INCR', KEYS[1]) .. ':' .. ARGV[2]
+local last = 3
+if ARGV[3] == '1' then last = 5 end
+for k = 2, last, 2 do
+  redis.call('ZADD', KEYS[k], now, id)
+  redis.call('INCRBY', KEYS[k + 1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[k], ttl)
+  redis.call('PEXPIRE', KEYS[k + 1], ttl)
+end
+return 1
+"#;
+
+/// KEYS: ban, strikes. ARGV: status, kind (0 success, 1 counted failure, 2 not counted),
+/// threshold, ban ms (-1: permanent), strikes TTL ms. Returns 1 when this outcome banned the
+/// pair. The same rules as [`super::fail2ban::PairBans::record`].
+const OUTCOME: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local kind = tonumber(ARGV[2])
+if kind == 0 then
+  redis.call('DEL', KEYS[2])
+  return 0
+end
+if kind == 2 then return 0 end
+local n = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+if n < tonumber(ARGV[3]) then return 0 end
+local ms = tonumber(ARGV[4])
+if ms < 0 then
+  redis.call('SET', KEYS[1], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ms)
+end
+redis.call('DEL', KEYS[2])
+return 1
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_read_every_refusal_in_order() {
+        let now = Instant::now();
+        let v = parse_verdicts(&[3, 1, -1, 401, 2, 1500, 0], 3, now).unwrap();
+        assert_eq!(v.admitted, Some(2));
+        assert_eq!(
+            v.refused,
+            vec![
+                Refusal::Banned {
+                    code: 401,
+                    until: None
+                },
+                Refusal::Limited {
+                    frees_at: Some(now + Duration::from_millis(1500))
+                },
+            ]
+        );
+        let none = parse_verdicts(&[0, 2, -1, 0], 1, now).unwrap();
+        assert_eq!(none.admitted, None);
+        assert!(parse_verdicts(&[], 1, now).is_err());
+        assert!(parse_verdicts(&[2], 1, now).is_err(), "index past the list");
+        assert!(
+            parse_verdicts(&[0, 9, 0, 0], 1, now).is_err(),
+            "unknown kind"
+        );
+    }
+
+    #[test]
+    fn the_local_share_divides_every_limit_but_never_to_zero() {
+        let share = LocalShare(3).share(SlotLimits {
+            rpm: Limit::PerMinute(10),
+            tpm: Limit::Unlimited,
+            model_rpm: Limit::PerMinute(2),
+            model_tpm: Limit::PerMinute(3000),
+        });
+        assert_eq!(
+            share,
+            SlotLimits {
+                rpm: Limit::PerMinute(3),
+                tpm: Limit::Unlimited,
+                model_rpm: Limit::PerMinute(1),
+                model_tpm: Limit::PerMinute(1000),
+            }
+        );
+    }
+
+    #[test]
+    fn urls_are_checked_without_being_echoed() {
+        assert!(check_url("redis://:hunter2@127.0.0.1:6379/0").is_ok());
+        assert!(check_url("rediss://cache.example:6380").is_ok());
+        assert!(check_url("unix:///run/redis.sock").is_ok());
+        let err = check_url("http://:hunter2@host").unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+}

@@ -1,0 +1,319 @@
+//! `rate_limit.backend: redis`: replicas share RPM/TPM windows and bans through a real
+//! `redis-server`, and enforce their local share while it cannot be reached.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const MODELS: &str = "models:\n  - name: gpt-4o\n    credential: c1\n";
+
+/// A `rate_limit` section with a key prefix of its own and a generous timeout (a loaded
+/// machine must not push a call past it into the local fallback these tests do not test).
+fn redis_section(url: &str, replicas: u32) -> String {
+    format!(
+        "rate_limit:\n  backend: redis\n  redis_url: \"{url}\"\n  key_prefix: test-{}\n  replicas: {replicas}\n  timeout: 5s\n",
+        free_port()
+    )
+}
+
+/// Expects a 503 whose `Retry-After` is within `1..=max_secs` and whose error code is `code`.
+async fn expect_exhausted(router: &Router, max_secs: u64, code: &str, why: &str) {
+    let resp = router.chat("gpt-4o").await;
+    assert_eq!(resp.status().as_u16(), 503, "{why}");
+    let ra = retry_after(&resp).expect("a Retry-After");
+    assert!((1..=max_secs).contains(&ra), "Retry-After {ra}: {why}");
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(error_of(&v).2, Some(code), "{v}");
+}
+
+/// Polls `check` until it holds or `within` has passed (at most 100 tries); returns whether
+/// it held. For effects written after an answer (token charges, strike resets).
+async fn eventually(within: Duration, check: impl AsyncFn() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    for _ in 0..100 {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Two routers (replicas) on one config.
+async fn replicas(yaml: &str) -> (Router, Router) {
+    (Router::start(yaml).await, Router::start(yaml).await)
+}
+
+/// A Redis, a mock provider and two replicas sharing one credential `c1` (with `limits`),
+/// `gpt-4o` bound to it in `models[]` when `bound`.
+/// (Keep `redis` bound for the whole test: dropping it stops the server.)
+struct Pool {
+    redis: RedisServer,
+    mock: MockUpstream,
+    a: Router,
+    b: Router,
+}
+
+impl Pool {
+    async fn start(limits: &[&str], bound: bool) -> Pool {
+        let redis = RedisServer::start().await;
+        let mock = MockUpstream::start().await;
+        let yaml = server_yaml(0, &[])
+            + &creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), limits)])
+            + if bound { MODELS } else { "" }
+            + &redis_section(&redis.url(), 2);
+        let (a, b) = replicas(&yaml).await;
+        Pool { redis, mock, a, b }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_one_rpm_window() {
+    let Pool {
+        redis: _redis,
+        mock,
+        a,
+        b,
+    } = Pool::start(&["rpm: 4"], false).await;
+
+    for (router, n) in [(&a, 3), (&b, 1)] {
+        for _ in 0..n {
+            assert_eq!(router.chat_status("gpt-4o").await, 200);
+        }
+    }
+    for router in [&a, &b] {
+        let why = "the pool's 4 RPM are used";
+        expect_exhausted(router, 60, "all_credentials_rate_limited", why).await;
+    }
+    assert_eq!(
+        mock.count(),
+        4,
+        "never more than the limit, across replicas"
+    );
+
+    // Each replica reports what it admitted itself.
+    let used = |h: &Value| h["credentials"]["c1"]["current_rpm"].as_i64();
+    assert_eq!(used(&a.health().await.1), Some(3));
+    assert_eq!(used(&b.health().await.1), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpm_is_exact_when_replicas_race() {
+    let redis = RedisServer::start().await;
+    let mock = MockUpstream::start().await;
+    let url = mock.url();
+    let yaml = server_yaml(0, &[])
+        + &creds_yaml(&[
+            cred("c1", "openai", "sk-c1", &url, &["rpm: 7"]),
+            cred("c2", "openai", "sk-c2", &url, &["rpm: 5"]),
+        ])
+        + &redis_section(&redis.url(), 2);
+    let (a, b) = replicas(&yaml).await;
+
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let router = if i % 2 == 0 { &a } else { &b };
+        let (client, url, key) = (
+            router.client().clone(),
+            router.url("/v1/chat/completions"),
+            MASTER_KEY,
+        );
+        tasks.push(tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(key)
+                .json(&chat_body("gpt-4o"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => ok += 1,
+            503 => {}
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert_eq!(ok, 12, "7 + 5 admitted across both replicas, no more");
+    assert_eq!(mock.count_bearer("sk-c1"), 7);
+    assert_eq!(mock.count_bearer("sk-c2"), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_one_replica_was_charged_fill_the_others_window() {
+    // Each answer reports 12 tokens: two fill a TPM of 20.
+    let Pool { redis, mock, a, b } = Pool::start(&["tpm: 20"], false).await;
+
+    assert_eq!(a.chat_status("gpt-4o").await, 200);
+    assert_eq!(a.chat_status("gpt-4o").await, 200, "12 < 20");
+    // The charge is written after the answer: wait (bounded) until Redis holds both.
+    let sum = format!("{{{}}}:c:2:c1:tpm:sum", key_prefix(&a));
+    let charged = async || redis.command_value(&["GET", &sum]).await.as_deref() == Some("24");
+    assert!(
+        eventually(Duration::from_secs(3), charged).await,
+        "12 + 12 tokens in the shared window"
+    );
+    let why = "24 ≥ 20 tokens, charged by the other replica";
+    expect_exhausted(&b, 60, "all_credentials_rate_limited", why).await;
+    assert_eq!(mock.count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_earned_across_replicas_holds_on_every_replica() {
+    // Default fail2ban: three 401s ban the pair for 5 minutes.
+    let Pool {
+        redis: _redis,
+        mock,
+        a,
+        b,
+    } = Pool::start(&[], true).await;
+
+    for router in [&a, &b, &a] {
+        mock.push(Reply::error(401, "invalid api key"));
+        assert_eq!(router.chat_status("gpt-4o").await, 401);
+    }
+    for router in [&b, &a] {
+        let why = "a 5-minute ban, for every replica";
+        expect_exhausted(router, 301, "all_credentials_banned", why).await;
+    }
+    assert_eq!(mock.count(), 3, "no request reached the banned pair");
+    // The replica that never saw the third 401 shows the ban it was refused by.
+    let (_, h) = b.health().await;
+    assert_eq!(h["credentials"]["c1"]["is_banned"], json!(true), "{h}");
+    assert_eq!(h["credentials_available"], json!(0), "{h}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_on_one_replica_resets_the_strikes_of_all() {
+    let Pool { redis, mock, a, b } = Pool::start(&[], true).await;
+    let strikes = format!("{{{}}}:p:2:c1:gpt-4o:strikes", key_prefix(&a));
+
+    for _ in 0..2 {
+        mock.push(Reply::error(401, "invalid api key"));
+        assert_eq!(a.chat_status("gpt-4o").await, 401);
+    }
+    assert_eq!(
+        redis
+            .command_value(&["HGET", &strikes, "401"])
+            .await
+            .as_deref(),
+        Some("2")
+    );
+    assert_eq!(b.chat_status("gpt-4o").await, 200);
+    // The reset is written after the answer: wait (bounded) for it.
+    let reset = async || redis.command(&["EXISTS", &strikes]).await.as_deref() == Some(":0");
+    assert!(
+        eventually(Duration::from_secs(3), reset).await,
+        "b's success reset a's strikes"
+    );
+    mock.push(Reply::error(401, "invalid api key"));
+    assert_eq!(
+        a.chat_status("gpt-4o").await,
+        401,
+        "a third 401, but the count restarted"
+    );
+    assert_eq!(a.chat_status("gpt-4o").await, 200, "not banned");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_each_replica_enforces_its_share_until_redis_answers() {
+    let port = free_port();
+    let mock = MockUpstream::start().await;
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let yaml = admin_server_yaml(0, &[])
+        + &creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), &["rpm: 4"])])
+        + &redis_section(&url, 2);
+    let router = Router::start(&yaml).await;
+
+    // Nothing listens on the port: this replica admits its share, 4 / 2.
+    assert_eq!(router.chat_status("gpt-4o").await, 200);
+    assert_eq!(router.chat_status("gpt-4o").await, 200);
+    assert_eq!(
+        router.chat_status("gpt-4o").await,
+        503,
+        "the local share is 2"
+    );
+    let state = router.admin_state().await;
+    assert_eq!(state["rate_limit"]["backend"], json!("redis"), "{state}");
+    assert_eq!(state["rate_limit"]["shared"], json!(false), "{state}");
+    assert!(state["rate_limit"]["errors"].as_u64() >= Some(1), "{state}");
+    let metrics = router.admin_metrics().await;
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "airouter_rate_limit_backend_up",
+            &[("backend", "redis")]
+        ),
+        0.0
+    );
+    let logs = router.logs();
+    assert!(logs.contains("rate-limit backend failed"), "{logs}");
+    assert!(!logs.contains(&url), "the Redis URL is never logged");
+
+    // Redis comes up: after the retry pause the shared window (empty) decides again.
+    let redis = RedisServer::start_on(port).await;
+    let served = async || router.chat_status("gpt-4o").await == 200;
+    assert!(
+        eventually(Duration::from_secs(5), served).await,
+        "Redis answers again: its window has room"
+    );
+    let state = router.admin_state().await;
+    assert_eq!(state["rate_limit"]["shared"], json!(true), "{state}");
+    assert_eq!(
+        redis
+            .command(&["EXISTS", &format!("{{{}}}:seq", key_prefix(&router))])
+            .await
+            .as_deref(),
+        Some(":1"),
+        "the admission was recorded in Redis"
+    );
+}
+
+/// The `key_prefix` of a router started with [`redis_section`].
+fn key_prefix(router: &Router) -> String {
+    let config = std::fs::read_to_string(&router.config_path).unwrap();
+    config
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("key_prefix: "))
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn a_bad_redis_section_is_refused_naming_the_field_without_echoing_the_url() {
+    let check = |rate_limit: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        let doc = "server: {master_key: k}\ncredentials: [{name: c, type: mock}]\n";
+        std::fs::write(&path, format!("{doc}rate_limit: {rate_limit}\n")).unwrap();
+        let args = ["check-config", path.to_str().unwrap()];
+        run_cli(&args, &[], Duration::from_secs(10)).combined()
+    };
+    let text = check(r#"{backend: redis, redis_url: "http://:hunter2@cache:6379", replicas: 0}"#);
+    assert!(
+        text.contains("rate_limit.redis_url: not a Redis URL"),
+        "{text}"
+    );
+    assert!(
+        text.contains("rate_limit.replicas: invalid replicas: 0"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("hunter2"),
+        "the URL's password leaked: {text}"
+    );
+
+    let text = check("{backend: redis}");
+    let missing = "rate_limit.redis_url: required when rate_limit.backend is redis";
+    assert!(text.contains(missing), "{text}");
+}
