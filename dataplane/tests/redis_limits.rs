@@ -279,6 +279,38 @@ async fn without_redis_each_replica_enforces_its_share_until_redis_answers() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_urls_speak_tls_verified_against_ssl_cert_file() {
+    let pki = pki();
+    let redis = RedisServer::start_tls(&pki.cert_file, &pki.key_file).await;
+    let mock = MockUpstream::start().await;
+    let url = format!("rediss://127.0.0.1:{}/0", redis.port);
+    let yaml = admin_server_yaml(0, &[])
+        + &creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), &["rpm: 4"])])
+        + &redis_section(&url, 2);
+
+    let trusting = Router::start_with(
+        &yaml,
+        StartOpts::default().env("SSL_CERT_FILE", &pki.ca_file),
+    )
+    .await;
+    assert_eq!(trusting.chat_status("gpt-4o").await, 200);
+    let state = trusting.admin_state().await;
+    assert_eq!(state["rate_limit"]["shared"], json!(true), "{state}");
+    assert_eq!(state["rate_limit"]["errors"], json!(0), "{state}");
+
+    // Without the CA the handshake fails: the router says why and uses its local share.
+    let untrusting = Router::start(&yaml).await;
+    assert_eq!(untrusting.chat_status("gpt-4o").await, 200);
+    let state = untrusting.admin_state().await;
+    assert_eq!(state["rate_limit"]["shared"], json!(false), "{state}");
+    let logs = untrusting.logs();
+    assert!(
+        logs.contains("rate-limit backend failed") && logs.contains("certificate"),
+        "{logs}"
+    );
+}
+
 /// The `key_prefix` of a router started with [`redis_section`].
 fn key_prefix(router: &Router) -> String {
     let config = std::fs::read_to_string(&router.config_path).unwrap();

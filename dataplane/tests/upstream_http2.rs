@@ -25,40 +25,10 @@ use hyper_util::{
     server::conn::auto,
 };
 use parking_lot::Mutex;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::PrivateKeyDer;
 use tokio::{net::TcpListener, sync::watch};
 
 const KEY: &str = "sk-upstream-3c9e1f07";
-
-/// A throwaway CA and a certificate for 127.0.0.1 signed by it.
-struct Pki {
-    _dir: tempfile::TempDir,
-    ca_file: String,
-    cert: CertificateDer<'static>,
-    key: Vec<u8>,
-}
-
-fn pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    Pki {
-        ca_file: ca_file.to_string_lossy().into_owned(),
-        _dir: dir,
-        cert: cert.der().clone(),
-        key: key.serialize_der(),
-    }
-}
 
 #[derive(Default)]
 struct Seen {

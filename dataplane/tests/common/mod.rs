@@ -1444,6 +1444,51 @@ fn stream_response(
 }
 
 // ---------------------------------------------------------------------------
+// TLS
+// ---------------------------------------------------------------------------
+
+/// A throwaway CA and a certificate for 127.0.0.1 signed by it, with PEM files of the CA
+/// (for `SSL_CERT_FILE`), the certificate and its key.
+pub struct Pki {
+    _dir: tempfile::TempDir,
+    pub ca_file: String,
+    pub cert: rustls::pki_types::CertificateDer<'static>,
+    pub key: Vec<u8>,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+pub fn pki() -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, pem: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let ca_file = file("ca.pem", ca.pem());
+    let cert_file = file("cert.pem", cert.pem());
+    let key_file = file("key.pem", key.serialize_pem());
+    Pki {
+        ca_file: ca_file.to_string_lossy().into_owned(),
+        cert: cert.der().clone(),
+        key: key.serialize_der(),
+        cert_file,
+        key_file,
+        _dir: dir,
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Redis
 // ---------------------------------------------------------------------------
 
@@ -1463,20 +1508,7 @@ impl RedisServer {
 
     /// Starts on `port` and waits (bounded) until it answers `PING`.
     pub async fn start_on(port: u16) -> RedisServer {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is missing: install Debian's redis-server (tests/run.sh does)");
-        let server = RedisServer {
-            child,
-            port,
-            _dir: dir,
-        };
+        let server = Self::spawn(&["--port", &port.to_string()], port);
         let deadline = Instant::now() + Duration::from_secs(10);
         for _ in 0..500 {
             if server.command(&["PING"]).await.as_deref() == Some("+PONG") {
@@ -1489,6 +1521,63 @@ impl RedisServer {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("redis-server did not answer PING");
+    }
+
+    /// Starts with TLS only on a free port (`cert`/`key`: PEM files), waiting (bounded) until
+    /// it accepts connections. [`RedisServer::command`] does not speak TLS.
+    pub async fn start_tls(cert: &Path, key: &Path) -> RedisServer {
+        let port = free_port();
+        let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+        let args = ["--port", "0", "--tls-port", &port.to_string()];
+        let tls = [
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+            "--tls-auth-clients",
+            "no",
+        ];
+        let server = Self::spawn(&[&args[..], &tls[..]].concat(), port);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return server;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not listen within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("redis-server did not listen");
+    }
+
+    fn spawn(args: &[&str], port: u16) -> RedisServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+            ])
+            .arg(dir.path())
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is missing: install Debian's redis-server (tests/run.sh does)");
+        RedisServer {
+            child,
+            port,
+            _dir: dir,
+        }
     }
 
     pub fn url(&self) -> String {
