@@ -209,6 +209,22 @@ pub struct RouterPoolSpec {
     pub tolerations: Vec<Toleration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceSpec>,
+    /// PEM CA certificates the pods trust for https upstreams (besides the built-in roots) and
+    /// for a `rediss://` rate-limit Redis: a key of a ConfigMap, such as a trust-manager
+    /// bundle. Pods roll when its content changes.
+    #[serde(default, rename = "trustedCA", skip_serializing_if = "Option::is_none")]
+    pub trusted_ca: Option<ConfigMapKeyRef>,
+}
+
+/// A key in a ConfigMap of the same namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ConfigMapKeyRef {
+    /// The ConfigMap's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key within the ConfigMap's data.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
 }
 
 fn default_replicas() -> i32 {

@@ -10,7 +10,7 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use futures::{channel::mpsc, FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::{
     api::Api,
     core::PartialObjectMeta,
@@ -46,6 +46,8 @@ pub async fn run(
     let creds_api: Api<Cred> = Api::all(client.clone());
     // Secrets are watched as metadata only: the values are read when a reconcile needs them.
     let secrets_api: Api<PartialObjectMeta<Secret>> = Api::all(client.clone());
+    // ConfigMaps too (a pool's `spec.trustedCA` bundle); read when a reconcile needs one.
+    let config_maps_api: Api<PartialObjectMeta<ConfigMap>> = Api::all(client.clone());
     let pods_api: Api<Pod> = Api::all(client.clone());
     let wc = watcher::Config::default;
 
@@ -83,6 +85,11 @@ pub async fn run(
         let (pools, creds) = (pool_store.clone(), cred_store.clone());
         let on_secret =
             move |s: PartialObjectMeta<Secret>| secret_to_pools(&s, &pools.state(), &creds.state());
+        let pools = pool_store.clone();
+        let on_config_map = move |m: PartialObjectMeta<ConfigMap>| {
+            let ns = m.namespace().unwrap_or_default();
+            triggers::pools_trusting(&ns, &m.name_any(), &pools.state())
+        };
         let (pools, creds) = (pool_store.clone(), cred_store.clone());
         let on_pool =
             move |p: Pool| triggers::pools_depending_on(&p, &pools.state(), &creds.state());
@@ -106,6 +113,13 @@ pub async fn run(
                 triggers::any_change::<PartialObjectMeta<Secret>>,
             ),
             on_secret,
+        )
+        .watches_stream(
+            triggers::changed_or_deleted(
+                watcher(config_maps_api, wc()).default_backoff(),
+                triggers::any_change::<PartialObjectMeta<ConfigMap>>,
+            ),
+            on_config_map,
         )
         .watches_stream(
             triggers::changed_or_deleted(

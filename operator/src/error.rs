@@ -36,6 +36,16 @@ pub enum Error {
         field: &'static str,
     },
 
+    /// `spec.trustedCA` names a ConfigMap that is missing, lacks the key, or holds no PEM
+    /// certificate.
+    #[error("ConfigMap {namespace}/{name} (from spec.trustedCA): {problem}")]
+    TrustedCa {
+        namespace: String,
+        name: String,
+        problem: String,
+        reason: &'static str,
+    },
+
     /// A label selector that cannot be evaluated.
     #[error("RouterPool spec.credentialSelector: {0}")]
     BadSelector(String),
@@ -57,6 +67,7 @@ impl Error {
             Error::Malformed { .. } => "Malformed",
             Error::SecretNotFound { .. } => "SecretNotFound",
             Error::SecretKeyMissing { .. } => "SecretKeyMissing",
+            Error::TrustedCa { reason, .. } => reason,
             Error::BadSelector(_) => "InvalidSpec",
             Error::Render(e) => e.reason(),
             Error::Metadata(_) => "MissingMetadata",
@@ -71,6 +82,7 @@ impl Error {
             Error::Malformed { .. }
             | Error::SecretNotFound { .. }
             | Error::SecretKeyMissing { .. }
+            | Error::TrustedCa { .. }
             | Error::BadSelector(_)
             | Error::Render(_) => true,
         }

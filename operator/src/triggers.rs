@@ -183,6 +183,24 @@ pub fn pools_for_secret(
         .collect()
 }
 
+/// Pools of `namespace` whose `spec.trustedCA` names ConfigMap `config_map`.
+pub fn pools_trusting(
+    namespace: &str,
+    config_map: &str,
+    pools: &[Arc<Pool>],
+) -> Vec<ObjectRef<Pool>> {
+    valid(pools)
+        .filter(|(_, p)| p.namespace().as_deref() == Some(namespace))
+        .filter(|(_, p)| {
+            p.spec
+                .trusted_ca
+                .as_ref()
+                .is_some_and(|r| r.name == config_map)
+        })
+        .map(|(p, _)| pool_ref(p))
+        .collect()
+}
+
 /// Credentials that read Secret `secret` (their key, or their proxy target's master key).
 pub fn credentials_for_secret(
     namespace: &str,
@@ -282,6 +300,27 @@ mod tests {
         let mut v: Vec<String> = refs.into_iter().map(|r| r.name).collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn a_config_map_change_reaches_the_pools_that_trust_it() {
+        let mut trusting = RouterPool::new(
+            "trusting",
+            serde_json::from_value(json!({
+                "credentialSelector": {"matchLabels": {"pool": "t"}},
+                "masterKeySecretRef": {"name": "m", "key": "key"},
+                "trustedCA": {"name": "corp-ca", "key": "ca.pem"}
+            }))
+            .unwrap(),
+        );
+        trusting.metadata.namespace = Some("ai".into());
+        let pools = vec![
+            Arc::new(DeserializeGuard(Ok(trusting))),
+            pool("main", "main", "main-master"),
+        ];
+        assert_eq!(names(pools_trusting("ai", "corp-ca", &pools)), ["trusting"]);
+        assert!(pools_trusting("other", "corp-ca", &pools).is_empty());
+        assert!(pools_trusting("ai", "kube-root-ca.crt", &pools).is_empty());
     }
 
     fn topology() -> (Vec<Arc<Pool>>, Vec<Arc<Cred>>) {

@@ -70,6 +70,7 @@ fn render(dir: &Path) -> (RouterConfig, String) {
             redis_url: s.redis_url,
             key_prefix: s.key_prefix,
         }),
+        trusted_ca_hash: None,
     };
     let config = render_config(&input.pool, &resolved).expect("renders");
     let yaml = config.to_yaml();

@@ -219,6 +219,11 @@ kind: Credential
 metadata: {{name: b, namespace: {ns}, labels: {{pool: p}}}}
 spec: {{type: openai, baseUrl: "{mock.url}", apiKeySecretRef: {{name: key-b, key: key}}}}
 ---
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: corp-ca, namespace: {ns}}}
+data: {{ca.pem: "-----BEGIN CERTIFICATE-----\\nMIIB1\\n-----END CERTIFICATE-----\\n"}}
+---
 apiVersion: airouter.dev/v1alpha1
 kind: RouterPool
 metadata: {{name: p, namespace: {ns}}}
@@ -226,6 +231,7 @@ spec:
   replicas: 1
   credentialSelector: {{matchLabels: {{pool: p}}}}
   masterKeySecretRef: {{name: master, key: key}}
+  trustedCA: {{name: corp-ca, key: ca.pem}}
 """)
     if not poll(lambda: cp.get("deployment", "p", ns) and cp.get("secret", "p-config", ns), timeout):
         return "apply the pool's objects (config Secret, ServiceAccount, Service, PDB, Deployment)"
@@ -241,6 +247,14 @@ spec:
     cp.kubectl("patch", "secret", "key-a", "-n", ns, "--type=merge", "-p", json.dumps({"stringData": {"key": "sk-a-v2"}}))
     if not poll(lambda: pods[0].admin("/admin/config/hash", token)["hash"] != before, timeout):
         return "follow a Secret change (watch Secrets)"
+
+    def ca_hash():
+        return cp.get("deployment", "p", ns)["spec"]["template"]["metadata"]["annotations"]["airouter.dev/trusted-ca-hash"]
+    first = ca_hash()
+    cp.kubectl("patch", "configmap", "corp-ca", "-n", ns, "--type=merge", "-p",
+               json.dumps({"data": {"ca.pem": "-----BEGIN CERTIFICATE-----\nMIIB2\n-----END CERTIFICATE-----\n"}}))
+    if not poll(lambda: ca_hash() != first, timeout):
+        return "follow a trusted-CA ConfigMap change (watch ConfigMaps)"
     # b's Secret is missing (a SecretNotFound Event); it appears, then goes again: the
     # second SecretNotFound updates the first Event's series.
     cp.apply(f"apiVersion: v1\nkind: Secret\nmetadata: {{name: key-b, namespace: {ns}}}\nstringData: {{key: sk-b}}\n")

@@ -266,6 +266,44 @@ def test_replicas_share_their_limits_in_redis(env, tmp_path):
         redis.wait()
 
 
+def test_a_trusted_ca_bundle_reaches_the_pods_and_its_rotation_rolls_them(env):
+    """`spec.trustedCA`: a missing ConfigMap is a condition naming it; once it exists the pods
+    mount it as SSL_CERT_FILE, and a new bundle changes the pod template (a rollout) while the
+    config, which is pushed, keeps its hash."""
+    cp, mock, kubelet = env.cp, env.mock, env.kubelet
+    ns = cp.new_namespace("ca")
+    cp.apply(simple_pool(ns, mock.url, replicas=1, credentials={"c1": {}}))
+    cp.kubectl("patch", "routerpool", "p", "-n", ns, "--type=merge", "-p",
+               json.dumps({"spec": {"trustedCA": {"name": "corp-ca", "key": "ca.pem"}}}))
+    ready = wait_for("Ready=False for the missing ConfigMap",
+                     lambda: (c := cp.condition("routerpool", "p", ns, "Ready")) and c["status"] == "False" and c)
+    assert ready["reason"] == "ConfigMapNotFound", ready
+    assert f"ConfigMap {ns}/corp-ca (from spec.trustedCA)" in ready["message"], ready
+
+    def bundle(n: int) -> str:
+        return json.dumps({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "corp-ca", "namespace": ns},
+                           "data": {"ca.pem": f"-----BEGIN CERTIFICATE-----\nMIIB{n}\n-----END CERTIFICATE-----\n"}})
+
+    cp.apply(bundle(1))
+    [pod] = kubelet.run_deployment(ns, "p")
+    wait_ready(cp, "routerpool", "p", ns)
+    template = cp.get("deployment", "p", ns)["spec"]["template"]
+    [container] = template["spec"]["containers"]
+    assert {"name": "SSL_CERT_FILE", "value": "/etc/airouter-trusted-ca/ca.pem"} in container["env"]
+    [volume] = [v for v in template["spec"]["volumes"] if v["name"] == "trusted-ca"]
+    assert volume["configMap"]["name"] == "corp-ca", volume
+    first = template["metadata"]["annotations"]["airouter.dev/trusted-ca-hash"]
+    config_hash = cp.get("routerpool", "p", ns)["status"]["configHash"]
+
+    cp.apply(bundle(2))
+    rolled = wait_for("a new trusted-ca hash on the pod template", lambda: (
+        h := cp.get("deployment", "p", ns)["spec"]["template"]["metadata"]["annotations"]["airouter.dev/trusted-ca-hash"]
+    ) != first and h)
+    assert rolled != first
+    assert cp.get("routerpool", "p", ns)["status"]["configHash"] == config_hash, "the config itself did not change"
+    kubelet.stop_pod(pod)
+
+
 def redis_ping(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as s:

@@ -13,10 +13,10 @@ use k8s_openapi::{
     api::{
         apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment},
         core::v1::{
-            Capabilities, Container, ContainerPort, HTTPGetAction, PodSecurityContext, PodSpec,
-            PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret,
-            SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
-            TCPSocketAction, Volume, VolumeMount,
+            Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, HTTPGetAction,
+            KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+            SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServiceAccount,
+            ServicePort, ServiceSpec, TCPSocketAction, Volume, VolumeMount,
         },
         policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
     },
@@ -36,6 +36,12 @@ pub const CONFIG_DIR: &str = "/etc/airouter";
 pub const CONFIG_KEY: &str = "config.yaml";
 /// The annotation on the config Secret carrying the config hash.
 pub const HASH_ANNOTATION: &str = "airouter.dev/config-hash";
+/// Where the `spec.trustedCA` bundle is mounted (as [`TRUSTED_CA_FILE`]).
+pub const TRUSTED_CA_DIR: &str = "/etc/airouter-trusted-ca";
+pub const TRUSTED_CA_FILE: &str = "ca.pem";
+/// The pod-template annotation carrying the bundle's hash: a new bundle rolls the pods (the
+/// data plane reads `SSL_CERT_FILE` at start). Config changes never do: they are pushed.
+pub const TRUSTED_CA_ANNOTATION: &str = "airouter.dev/trusted-ca-hash";
 
 /// Operator-wide defaults for pools that do not set their own (chart values).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -101,9 +107,12 @@ fn selector(pool: &str) -> BTreeMap<String, String> {
     labels(pool).into_iter().take(2).collect()
 }
 
+/// The objects of `pool`; `trusted_ca_hash` is the content hash of its `spec.trustedCA`
+/// bundle, which resolve read.
 pub fn desired_state(
     pool: &RouterPool,
     config: &RouterConfig,
+    trusted_ca_hash: Option<&str>,
     defaults: &Defaults,
 ) -> Result<Desired, MissingMetadata> {
     let name = pool.metadata.name.clone().ok_or(MissingMetadata("name"))?;
@@ -145,6 +154,49 @@ pub fn desired_state(
         ..Default::default()
     };
     let grace = config.server.shutdown_grace + config.server.shutdown_timeout;
+    let mut volumes = vec![Volume {
+        name: "config".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(config_name),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    let mut mounts = vec![VolumeMount {
+        name: "config".into(),
+        mount_path: CONFIG_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }];
+    let mut env = Vec::new();
+    let mut template_annotations = BTreeMap::new();
+    if let (Some(ca), Some(hash)) = (&spec.trusted_ca, trusted_ca_hash) {
+        volumes.push(Volume {
+            name: "trusted-ca".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: ca.name.clone(),
+                items: Some(vec![KeyToPath {
+                    key: ca.key.clone(),
+                    path: TRUSTED_CA_FILE.into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "trusted-ca".into(),
+            mount_path: TRUSTED_CA_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        env.push(EnvVar {
+            name: "SSL_CERT_FILE".into(),
+            value: Some(format!("{TRUSTED_CA_DIR}/{TRUSTED_CA_FILE}")),
+            ..Default::default()
+        });
+        template_annotations.insert(TRUSTED_CA_ANNOTATION.to_owned(), hash.to_owned());
+    }
     let container = Container {
         name: "airouter".into(),
         image: Some(spec.image.clone().unwrap_or_else(|| defaults.image.clone())),
@@ -201,12 +253,8 @@ pub fn desired_state(
             }),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "config".into(),
-            mount_path: CONFIG_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(mounts),
+        env: (!env.is_empty()).then_some(env),
         ..Default::default()
     };
     let deployment = Deployment {
@@ -227,20 +275,14 @@ pub fn desired_state(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels(&name)),
+                    annotations: (!template_annotations.is_empty()).then_some(template_annotations),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
                     service_account_name: Some(name.clone()),
                     automount_service_account_token: Some(false),
                     containers: vec![container],
-                    volumes: Some(vec![Volume {
-                        name: "config".into(),
-                        secret: Some(SecretVolumeSource {
-                            secret_name: Some(config_name),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }]),
+                    volumes: Some(volumes),
                     node_selector: (!spec.node_selector.is_empty())
                         .then(|| spec.node_selector.clone()),
                     tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
@@ -313,7 +355,7 @@ pub fn endpoint(pool: &str, namespace: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use airouter_crds::RouterPoolSpec;
+    use airouter_crds::{router_pool::ConfigMapKeyRef, RouterPoolSpec};
 
     use super::*;
     use crate::router_pool::{render::render_config, Resolved, ResolvedCredential};
@@ -323,6 +365,7 @@ mod tests {
             master_key: master_key.into(),
             admin_token: "adm".into(),
             shared_limits: None,
+            trusted_ca_hash: None,
             credentials: vec![ResolvedCredential {
                 name: "c".into(),
                 spec: serde_json::from_value(
@@ -362,7 +405,10 @@ mod tests {
 
     fn desired(pool: &RouterPool) -> (Desired, RouterConfig) {
         let config = render_config(&pool.spec, &resolved("sk-master")).unwrap();
-        (desired_state(pool, &config, &defaults()).unwrap(), config)
+        (
+            desired_state(pool, &config, None, &defaults()).unwrap(),
+            config,
+        )
     }
 
     #[test]
@@ -464,7 +510,7 @@ mod tests {
         assert_eq!(pod.termination_grace_period_seconds, Some(45));
         // A different config (new master key) changes the Secret but not the pod template.
         let other = render_config(&p.spec, &resolved("sk-rotated")).unwrap();
-        let d2 = desired_state(&p, &other, &defaults()).unwrap();
+        let d2 = desired_state(&p, &other, None, &defaults()).unwrap();
         assert_eq!(d2.deployment, d.deployment);
         assert_ne!(d2.config_secret, d.config_secret);
     }
@@ -480,12 +526,61 @@ mod tests {
     }
 
     #[test]
+    fn a_trusted_ca_is_mounted_named_by_ssl_cert_file_and_its_content_rolls_the_pods() {
+        let mut p = pool();
+        p.spec.trusted_ca = Some(ConfigMapKeyRef {
+            name: "corp-ca".into(),
+            key: "bundle.pem".into(),
+        });
+        let config = render_config(&p.spec, &resolved("m")).unwrap();
+        let d = desired_state(&p, &config, Some("h1"), &defaults()).unwrap();
+        let template = d.deployment.spec.template.clone();
+        let pod = template.spec.unwrap();
+        let volume = &pod.volumes.as_ref().unwrap()[1];
+        let source = volume.config_map.as_ref().unwrap();
+        assert_eq!(source.name, "corp-ca");
+        let item = &source.items.as_ref().unwrap()[0];
+        assert_eq!(
+            (item.key.as_str(), item.path.as_str()),
+            ("bundle.pem", TRUSTED_CA_FILE)
+        );
+        let c = &pod.containers[0];
+        let mount = &c.volume_mounts.as_ref().unwrap()[1];
+        assert_eq!(
+            (mount.name.as_str(), mount.mount_path.as_str()),
+            ("trusted-ca", TRUSTED_CA_DIR)
+        );
+        assert_eq!(mount.read_only, Some(true));
+        let env = &c.env.as_ref().unwrap()[0];
+        assert_eq!(env.name, "SSL_CERT_FILE");
+        assert_eq!(
+            env.value.as_deref(),
+            Some("/etc/airouter-trusted-ca/ca.pem")
+        );
+        let annotations = template.metadata.unwrap().annotations.unwrap();
+        assert_eq!(annotations[TRUSTED_CA_ANNOTATION], "h1");
+
+        let rotated = desired_state(&p, &config, Some("h2"), &defaults()).unwrap();
+        assert_ne!(
+            rotated.deployment, d.deployment,
+            "a new bundle rolls the pods"
+        );
+        let (plain, _) = desired(&pool());
+        let pod = plain.deployment.spec.template;
+        assert!(pod.metadata.unwrap().annotations.is_none());
+        assert!(
+            pod.spec.unwrap().containers[0].env.is_none(),
+            "no bundle, no SSL_CERT_FILE"
+        );
+    }
+
+    #[test]
     fn a_pool_without_a_uid_is_refused() {
         let mut p = pool();
         p.metadata.uid = None;
         let config = render_config(&p.spec, &resolved("m")).unwrap();
         assert_eq!(
-            desired_state(&p, &config, &Defaults::default()).unwrap_err(),
+            desired_state(&p, &config, None, &Defaults::default()).unwrap_err(),
             MissingMetadata("uid")
         );
     }

@@ -44,6 +44,8 @@ pub struct Resolved {
     pub credentials: Vec<ResolvedCredential>,
     /// `spec.rateLimit.backend: redis`: where the replicas share their limits.
     pub shared_limits: Option<SharedLimits>,
+    /// The content hash of the `spec.trustedCA` bundle: pods roll when it changes.
+    pub trusted_ca_hash: Option<String>,
 }
 
 /// The Redis a pool's replicas share windows and bans in.
@@ -171,7 +173,8 @@ async fn sync(
 ) -> Result<Pushed> {
     let resolution = resolve::resolve(&ctx.client, pool, &ctx.credentials, &ctx.pools).await?;
     let config = render::render_config(&pool.spec, &resolution.resolved)?;
-    let desired = desired::desired_state(pool, &config, &ctx.settings.defaults)?;
+    let trusted_ca = resolution.resolved.trusted_ca_hash.as_deref();
+    let desired = desired::desired_state(pool, &config, trusted_ca, &ctx.settings.defaults)?;
     apply::apply(&ctx.client, namespace, &desired).await?;
     let (document, hash) = (desired.config_document(), desired.config_hash().to_owned());
     let token = resolution.resolved.admin_token;

@@ -302,6 +302,7 @@ mod tests {
             master_key: "m".into(),
             admin_token: "a".into(),
             shared_limits: None,
+            trusted_ca_hash: None,
             credentials: vec![ResolvedCredential {
                 name: "c".into(),
                 spec: serde_json::from_value(spec).unwrap(),
@@ -364,6 +365,7 @@ mod tests {
             admin_token: "a".into(),
             credentials: vec![],
             shared_limits: None,
+            trusted_ca_hash: None,
         };
         let err = render_config(&pool(), &empty).unwrap_err();
         assert!(err.to_string().contains("spec.credentialSelector"), "{err}");

@@ -13,7 +13,10 @@ use airouter_crds::{
     credential::SecretKeyRef, router_pool::RateLimitBackend, Credential, RouterPool,
 };
 use futures::future::try_join_all;
-use k8s_openapi::{api::core::v1::Secret, ByteString};
+use k8s_openapi::{
+    api::core::v1::{ConfigMap, Secret},
+    ByteString,
+};
 use kube::{
     api::{Api, PostParams},
     core::{DeserializeGuard, ObjectMeta, Selector, SelectorExt},
@@ -297,6 +300,25 @@ pub async fn resolve(
         }
     };
 
+    let trusted_ca_hash = match &pool.spec.trusted_ca {
+        None => None,
+        Some(r) => {
+            let api: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+            let map = api.get_opt(&r.name).await?;
+            let pem = map.as_ref().and_then(|m| m.data.as_ref()?.get(&r.key));
+            Some(
+                trusted_ca_hash(map.is_some(), pem.map(String::as_str), &r.key).map_err(
+                    |(reason, problem)| Error::TrustedCa {
+                        namespace: namespace.clone(),
+                        name: r.name.clone(),
+                        problem,
+                        reason,
+                    },
+                )?,
+            )
+        }
+    };
+
     let mut resolved = Vec::new();
     let mut skipped = Vec::new();
     for cred in &selected {
@@ -323,9 +345,35 @@ pub async fn resolve(
             admin_token,
             credentials: resolved,
             shared_limits,
+            trusted_ca_hash,
         },
         skipped,
     })
+}
+
+/// The content hash of a `spec.trustedCA` bundle (what rolls the pods when it changes), or
+/// the condition reason and message saying why it cannot be used.
+pub fn trusted_ca_hash(
+    exists: bool,
+    pem: Option<&str>,
+    key: &str,
+) -> Result<String, (&'static str, String)> {
+    if !exists {
+        return Err(("ConfigMapNotFound", "does not exist".into()));
+    }
+    let Some(pem) = pem else {
+        return Err((
+            "ConfigMapKeyMissing",
+            format!("has no key {key:?} in its data"),
+        ));
+    };
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err((
+            "InvalidTrustedCA",
+            format!("key {key:?} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+        ));
+    }
+    Ok(airouter::config::document_hash(pem))
 }
 
 /// The name of the Secret holding a pool's admin token.
@@ -398,6 +446,26 @@ mod tests {
         let mut c = Credential::new("c", serde_json::from_value(spec).unwrap());
         c.metadata.namespace = Some("ai".into());
         c
+    }
+
+    #[test]
+    fn a_trusted_ca_bundle_must_exist_and_hold_a_certificate() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let hash = trusted_ca_hash(true, Some(pem), "ca.pem").unwrap();
+        assert_eq!(hash, airouter::config::document_hash(pem));
+        assert_ne!(
+            hash,
+            trusted_ca_hash(true, Some(&pem.repeat(2)), "ca.pem").unwrap()
+        );
+        let reason = |exists, pem| trusted_ca_hash(exists, pem, "ca.pem").unwrap_err();
+        assert_eq!(reason(false, None).0, "ConfigMapNotFound");
+        let (why, message) = reason(true, None);
+        assert_eq!(why, "ConfigMapKeyMissing");
+        assert!(message.contains("\"ca.pem\""), "{message}");
+        assert_eq!(
+            reason(true, Some("not a certificate")).0,
+            "InvalidTrustedCA"
+        );
     }
 
     fn secrets(entries: &[(&str, &[(&str, &str)])]) -> SecretValues {
