@@ -716,13 +716,14 @@ impl Parser<'_> {
             .unwrap_or(defaults.backend);
         // Never echo the URL in a problem: it may hold a password.
         let redis_url = self.string(m, "redis_url", f, true);
-        if let Some(url) = &redis_url {
-            if let Err(why) = crate::limit::shared::check_url(url) {
-                self.error(
-                    "rate_limit.redis_url",
-                    format!("not a Redis URL ({why}); expected redis://[user:password@]host[:port][/db], rediss://… or unix:///path"),
-                );
-            }
+        if redis_url
+            .as_deref()
+            .is_some_and(|url| !crate::limit::shared::is_redis_url(url))
+        {
+            self.error(
+                "rate_limit.redis_url",
+                "not a Redis URL: expected redis://[user:password@]host[:port][/db], rediss://… or unix:///path",
+            );
         }
         if backend == RateLimitBackend::Redis && redis_url.is_none() {
             self.error(
