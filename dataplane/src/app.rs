@@ -49,7 +49,7 @@ impl App {
         Arc::new(App {
             store,
             client,
-            limits: Arc::new(LocalLimits),
+            limits: Arc::new(LocalLimits::WHOLE),
             metrics,
             remote: Arc::default(),
             ready: AtomicBool::new(true),

@@ -26,7 +26,9 @@ use crate::{
     config::CredentialType,
     error::{ExhaustedReason, ProxyError, TransportError},
     health,
-    limit::{fail2ban::Outcome, parse_retry_after, retry_after_secs, SlotRef},
+    limit::{
+        fail2ban::Outcome, parse_retry_after, retry_after_secs, shared::SharedLimits, SlotRef,
+    },
     metrics, mock,
     request::{self, Probe, Rewritten},
     runtime::{Credential, Lookup, Route, Runtime, Slot, Tier},
@@ -396,10 +398,31 @@ fn access_log(
     );
 }
 
+/// Charges the tokens a provider reported to `slot`: in process (the local backend's
+/// windows, or the Redis backend's mirror of them) and, with Redis, in Redis off the request
+/// path.
+fn charge(
+    app: &App,
+    shared: Option<&Arc<SharedLimits>>,
+    slot: SlotRef<'_>,
+    credential: &Arc<str>,
+    tokens: u64,
+    now: Instant,
+) {
+    app.limits.charge_tokens(slot, tokens, now);
+    if let Some(shared) = shared {
+        shared.charge_in_background(
+            credential.clone(),
+            Arc::from(slot.model),
+            slot.limits,
+            tokens,
+        );
+    }
+}
+
 impl Forward<'_> {
     fn slot_ref<'s>(&'s self, cred: &'s Credential, slot: &Slot) -> SlotRef<'s> {
         SlotRef {
-            credential: &cred.name,
             state: &cred.state,
             model: self.model_id,
             limits: self.rt.slot_limits(slot),
@@ -632,17 +655,15 @@ impl Forward<'_> {
         let mut tokens = TokenUsage::default();
         if status.is_success() {
             if let Some(u) = usage(&bytes) {
-                self.app
-                    .limits
-                    .charge_tokens(self.slot_ref(cred, slot), u.total, now);
-                if let Some(shared) = &self.rt.shared {
-                    shared.charge_in_background(
-                        cred.name.clone(),
-                        Arc::from(self.model_id),
-                        self.rt.slot_limits(slot),
-                        u.total,
-                    );
-                }
+                let shared = self.rt.shared.as_ref();
+                charge(
+                    self.app,
+                    shared,
+                    self.slot_ref(cred, slot),
+                    &cred.name,
+                    u.total,
+                    now,
+                );
                 self.app.metrics.tokens(&cred.name, self.model_id, &u);
                 tokens = u;
             }
@@ -686,20 +707,18 @@ impl Forward<'_> {
         let on_done = Box::new(move |tokens: TokenUsage| {
             if tokens.total > 0 {
                 let slot = SlotRef {
-                    credential: &name,
                     state: &state,
                     model: &model,
                     limits: slot_limits,
                 };
-                app.limits.charge_tokens(slot, tokens.total, Instant::now());
-                if let Some(shared) = &shared {
-                    shared.charge_in_background(
-                        name.clone(),
-                        model.clone(),
-                        slot_limits,
-                        tokens.total,
-                    );
-                }
+                charge(
+                    &app,
+                    shared.as_ref(),
+                    slot,
+                    &name,
+                    tokens.total,
+                    Instant::now(),
+                );
                 app.metrics.tokens(&name, &model, &tokens);
             }
             access_log(

@@ -1,7 +1,9 @@
 //! Credential selection: round-robin per model over primaries, then over fallbacks, skipping
-//! pairs that are banned or rate-limited. No sockets or clocks: the caller passes the limiter
-//! backend and `now`. Admission through [`Limits::admit`] reserves the RPM slot atomically, so
-//! a credential never admits more than its limit however many requests race.
+//! pairs that are banned or rate-limited. [`select`] does no I/O and reads no clock: the caller
+//! passes the in-process limiter and `now`; admission through [`Limits::admit`] reserves the
+//! RPM slot atomically, so a credential never admits more than its limit however many requests
+//! race. [`select_shared`] walks the same candidates but lets Redis admit (one call per
+//! request), falling back on [`select`] with each replica's share when Redis does not answer.
 
 use std::{ops::ControlFlow, time::Instant};
 
@@ -44,6 +46,18 @@ struct Candidate<'r> {
     slot: &'r Slot,
     tier: Tier,
     position: usize,
+}
+
+impl<'r> Candidate<'r> {
+    /// The candidate admitted the request: the cursor moves past it.
+    fn pick(self, cursor: &Cursor, skipped: Exhausted) -> Pick<'r> {
+        cursor.advance_past(self.tier, self.position);
+        Pick {
+            slot: self.slot,
+            tier: self.tier,
+            skipped,
+        }
+    }
 }
 
 /// Calls `visit` with each candidate for `model_id` in selection order (round-robin from the
@@ -137,7 +151,6 @@ pub fn select<'r>(
             let cred = &rt.credentials[c.slot.cred];
             let admission = limits.admit(
                 SlotRef {
-                    credential: &cred.name,
                     state: &cred.state,
                     model: model_id,
                     limits: rt.slot_limits(c.slot),
@@ -154,14 +167,7 @@ pub fn select<'r>(
         },
     );
     match picked {
-        Some(c) => {
-            cursor.advance_past(c.tier, c.position);
-            Ok(Pick {
-                slot: c.slot,
-                tier: c.tier,
-                skipped: exhausted,
-            })
-        }
+        Some(c) => Ok(c.pick(cursor, exhausted)),
         None => Err(exhausted),
     }
 }
@@ -217,17 +223,12 @@ pub async fn select_shared<'r>(
             let Some(c) = verdicts.admitted.map(|i| listed[i]) else {
                 return Err(exhausted);
             };
-            cursor.advance_past(c.tier, c.position);
             rt.credentials[c.slot.cred].state.mirror_admitted(
                 model_id,
                 &rt.slot_limits(c.slot),
                 Instant::now(),
             );
-            return Ok(Pick {
-                slot: c.slot,
-                tier: c.tier,
-                skipped: exhausted,
-            });
+            return Ok(c.pick(cursor, exhausted));
         }
     }
     select(
@@ -276,7 +277,7 @@ mod tests {
                     model,
                     &cursor,
                     &[],
-                    &LocalLimits,
+                    &LocalLimits::WHOLE,
                     &RemoteHealth::default(),
                     now,
                 ) {
@@ -322,7 +323,7 @@ mod tests {
             "m",
             &rt.cursor("m"),
             &[],
-            &LocalLimits,
+            &LocalLimits::WHOLE,
             &RemoteHealth::default(),
             Instant::now(),
         )
@@ -358,7 +359,7 @@ mod tests {
             "m",
             &rt.cursor("m"),
             &[1, 2],
-            &LocalLimits,
+            &LocalLimits::WHOLE,
             &RemoteHealth::default(),
             now,
         )
@@ -389,7 +390,7 @@ mod tests {
             "m",
             &rt.cursor("m"),
             &[0, 1, 2],
-            &LocalLimits,
+            &LocalLimits::WHOLE,
             &remote,
             Instant::now(),
         )

@@ -24,6 +24,15 @@ pub enum Limit {
 }
 
 impl Limit {
+    /// One of `parts` equal shares of the limit, at least 1: what each of `parts` replicas
+    /// enforces when they do not share their windows.
+    pub fn share(self, parts: u32) -> Limit {
+        match self {
+            Limit::Unlimited => Limit::Unlimited,
+            Limit::PerMinute(n) => Limit::PerMinute((n / u64::from(parts.max(1))).max(1)),
+        }
+    }
+
     /// The upstream number: `-1` for unlimited.
     pub fn as_i64(self) -> i64 {
         match self {

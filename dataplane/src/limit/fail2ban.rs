@@ -15,6 +15,18 @@ pub struct CodeRule {
     pub duration: RuleDuration,
 }
 
+impl CodeRule {
+    /// How long a ban by this rule lasts, given the upstream's `Retry-After` (`None`:
+    /// permanent).
+    pub fn ban_length(&self, retry_after: Option<Duration>) -> Option<Duration> {
+        match self.duration {
+            RuleDuration::Fixed(BanDuration::Permanent) => None,
+            RuleDuration::Fixed(BanDuration::For(d)) => Some(d),
+            RuleDuration::RetryAfterOr(d) => Some(retry_after.unwrap_or(d)),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RuleDuration {
     Fixed(BanDuration),
@@ -159,14 +171,9 @@ impl PairBans {
         if count < rule.threshold {
             return None;
         }
-        let until = match rule.duration {
-            RuleDuration::Fixed(BanDuration::Permanent) => None,
-            RuleDuration::Fixed(BanDuration::For(d)) => Some(now + d),
-            RuleDuration::RetryAfterOr(d) => Some(now + outcome.retry_after.unwrap_or(d)),
-        };
         let ban = Ban {
             code: outcome.status,
-            until,
+            until: rule.ban_length(outcome.retry_after).map(|d| now + d),
         };
         self.ban = Some(ban.clone());
         Some(ban)

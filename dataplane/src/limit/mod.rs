@@ -33,6 +33,23 @@ pub struct SlotLimits {
     pub model_tpm: Limit,
 }
 
+impl SlotLimits {
+    /// The pair has limits of its own (so its windows must be kept).
+    pub fn has_pair_limits(&self) -> bool {
+        self.model_rpm != Limit::Unlimited || self.model_tpm != Limit::Unlimited
+    }
+
+    /// Every limit divided among `parts` replicas ([`Limit::share`]).
+    pub fn share(self, parts: u32) -> SlotLimits {
+        SlotLimits {
+            rpm: self.rpm.share(parts),
+            tpm: self.tpm.share(parts),
+            model_rpm: self.model_rpm.share(parts),
+            model_tpm: self.model_tpm.share(parts),
+        }
+    }
+}
+
 /// The answer to "may this pair take one more request now?".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admission {
@@ -44,11 +61,9 @@ pub enum Admission {
     Limited { frees_at: Option<Instant> },
 }
 
-/// A pair the backend is asked about. `state` is the in-process state of the credential; a
-/// shared backend keys by `credential` instead.
+/// A pair the backend is asked about: `state` is the in-process state of its credential.
 #[derive(Clone, Copy)]
 pub struct SlotRef<'a> {
-    pub credential: &'a str,
     pub state: &'a CredState,
     pub model: &'a str,
     pub limits: SlotLimits,
@@ -71,13 +86,32 @@ pub trait Limits: Send + Sync + 'static {
     ) -> Option<Ban>;
 }
 
-/// The in-process backend: each replica enforces its own windows.
-#[derive(Debug, Default)]
-pub struct LocalLimits;
+/// The in-process backend: each replica enforces its own windows, against whole limits
+/// ([`LocalLimits::WHOLE`]) or, as the Redis backend's fallback, against its share of them.
+#[derive(Clone, Copy, Debug)]
+pub struct LocalLimits {
+    parts: u32,
+}
+
+impl LocalLimits {
+    pub const WHOLE: LocalLimits = LocalLimits { parts: 1 };
+
+    /// Each limit divided among `replicas` ([`SlotLimits::share`]).
+    pub fn share_of(replicas: u32) -> LocalLimits {
+        LocalLimits {
+            parts: replicas.max(1),
+        }
+    }
+}
 
 impl Limits for LocalLimits {
     fn admit(&self, slot: SlotRef<'_>, now: Instant) -> Admission {
-        slot.state.admit(slot.model, &slot.limits, now)
+        let limits = if self.parts > 1 {
+            slot.limits.share(self.parts)
+        } else {
+            slot.limits
+        };
+        slot.state.admit(slot.model, &limits, now)
     }
 
     fn charge_tokens(&self, slot: SlotRef<'_>, tokens: u64, now: Instant) {
@@ -187,8 +221,7 @@ impl CredState {
     pub fn admit(&self, model: &str, limits: &SlotLimits, now: Instant) -> Admission {
         let mut inner = self.inner.lock();
         let inner = &mut *inner;
-        let required = limits.model_rpm != Limit::Unlimited || limits.model_tpm != Limit::Unlimited;
-        let tracked = inner.ensure_pair(model, required);
+        let tracked = inner.ensure_pair(model, limits.has_pair_limits());
         let CredInner {
             rpm,
             tpm,
@@ -267,26 +300,27 @@ impl CredState {
     pub fn mirror_admitted(&self, model: &str, limits: &SlotLimits, now: Instant) {
         let mut inner = self.inner.lock();
         inner.rpm.add(now, 1);
-        let required = limits.model_rpm != Limit::Unlimited || limits.model_tpm != Limit::Unlimited;
-        if inner.ensure_pair(model, required) {
+        if inner.ensure_pair(model, limits.has_pair_limits()) {
             if let Some(pair) = inner.pairs.get_mut(model) {
                 pair.rpm.add(now, 1);
             }
         }
     }
 
-    /// Records a ban the shared backend reported, and the outcome's status as the last error.
+    /// Records a ban the shared backend reported, and the outcome's status (when it is an
+    /// error) as the last error.
     pub fn mirror_ban(&self, model: &str, status: Option<u16>, ban: Option<Ban>) {
-        let mut inner = self.inner.lock();
-        if status.is_none_or(|s| s < 400) && ban.is_none() {
+        let error = status.filter(|s| *s >= 400);
+        if error.is_none() && ban.is_none() {
             return;
         }
+        let mut inner = self.inner.lock();
         if !inner.ensure_pair(model, ban.is_some()) {
             return;
         }
         if let Some(pair) = inner.pairs.get_mut(model) {
-            if let Some(s) = status.filter(|s| *s >= 400) {
-                pair.bans.last_error = Some(s);
+            if error.is_some() {
+                pair.bans.last_error = error;
             }
             if let Some(ban) = ban {
                 pair.bans.strikes.clear();
@@ -448,6 +482,26 @@ mod tests {
             s.admit("configured", &limited, t0),
             Admission::Limited { .. }
         ));
+    }
+
+    #[test]
+    fn the_local_share_divides_every_limit_but_never_to_zero() {
+        let share = SlotLimits {
+            rpm: Limit::PerMinute(10),
+            tpm: Limit::Unlimited,
+            model_rpm: Limit::PerMinute(2),
+            model_tpm: Limit::PerMinute(3000),
+        }
+        .share(3);
+        assert_eq!(
+            share,
+            SlotLimits {
+                rpm: Limit::PerMinute(3),
+                tpm: Limit::Unlimited,
+                model_rpm: Limit::PerMinute(1),
+                model_tpm: Limit::PerMinute(1000),
+            }
+        );
     }
 
     #[test]

@@ -10,14 +10,15 @@
 //! - [`OUTCOME`] counts fail2ban strikes and sets the ban.
 //!
 //! Windows are exact like the local ones: a sorted set of events scored by time (TPM events
-//! carry their token count, with a running sum beside the set). Every key lives under the hash
-//! tag `{key_prefix}`, so one script's keys share a Redis Cluster slot.
+//! carry their token count, with a running sum beside the set). Every key starts with the hash
+//! tag `{key_prefix}`, so all keys of one script hash to one slot behind a cluster-aware proxy
+//! (the client itself speaks to one endpoint and follows no Cluster redirections).
 //!
 //! The in-process [`CredState`](super::CredState) keeps mirroring what this replica admits,
 //! charges and sees banned, for `/health`, `/admin/state` and metrics — and it is what
 //! enforcement falls back on when Redis does not answer within `rate_limit.timeout`: each
-//! replica then enforces `limit / replicas` (never the whole limit), and Redis is tried again
-//! after [`RETRY_AFTER_FAILURE`].
+//! replica then enforces `limit / replicas` ([`LocalLimits::share_of`], never the whole
+//! limit), and Redis is tried again after [`RETRY_AFTER_FAILURE`].
 
 use std::{
     sync::{
@@ -32,16 +33,21 @@ use redis::{aio::ConnectionManager, Script};
 use tracing::{info, warn};
 
 use super::{
-    fail2ban::{Ban, Outcome, Policy, RuleDuration},
-    Admission, Limits, LocalLimits, SlotLimits, SlotRef, WINDOW,
+    fail2ban::{Ban, Outcome, Policy},
+    Admission, LocalLimits, SlotLimits, WINDOW,
 };
-use crate::config::{BanDuration, Limit, RateLimitConfig};
+use crate::config::{Limit, RateLimitConfig};
 
 /// After Redis fails, requests use the local share for this long before Redis is tried again
 /// (so an outage does not add `rate_limit.timeout` to every request).
 pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// Strikes without a ban are forgotten after this long without a new one.
 const STRIKES_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// What [`OUTCOME`] does with an answer: reset the strikes, count one, or nothing.
+const OUTCOME_SUCCESS: i64 = 0;
+const OUTCOME_COUNTED: i64 = 1;
+const OUTCOME_NOT_COUNTED: i64 = 2;
 
 /// Whether `url` is a Redis URL this client can use. Says nothing more: the URL may hold a
 /// password, so neither it nor the parser's message about it is echoed.
@@ -103,8 +109,9 @@ impl std::fmt::Debug for SharedLimits {
 }
 
 impl SharedLimits {
-    /// A backend for validated settings; it connects on first use, so a router whose Redis
-    /// is down still starts (and enforces its local share until Redis answers).
+    /// A backend for validated settings (`None` only without a usable `redis_url`, which the
+    /// config parser refuses); it connects on first use, so a router whose Redis is down still
+    /// starts (and enforces its local share until Redis answers).
     pub fn new(settings: &RateLimitConfig) -> Option<Arc<SharedLimits>> {
         let url = settings.redis_url.as_ref()?;
         let client = redis::Client::open(url.expose()).ok()?;
@@ -138,8 +145,8 @@ impl SharedLimits {
     }
 
     /// The limits each replica enforces on its own while Redis is unreachable.
-    pub fn fallback(&self) -> LocalShare {
-        LocalShare(self.settings.replicas.max(1))
+    pub fn fallback(&self) -> LocalLimits {
+        LocalLimits::share_of(self.settings.replicas)
     }
 
     /// False while a recent failure says not to wait for Redis.
@@ -219,6 +226,14 @@ impl SharedLimits {
             self.tag,
             credential.len()
         )
+    }
+
+    /// [`OUTCOME`]'s keys: the pair's ban and strikes.
+    fn outcome_keys(&self, credential: &str, model: &str) -> [String; 2] {
+        [
+            self.pair_key(credential, model, "ban"),
+            self.pair_key(credential, model, "strikes"),
+        ]
     }
 
     /// Admits the first candidate that is neither banned nor at a limit, recording one
@@ -305,13 +320,9 @@ impl SharedLimits {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            let keys = [
-                this.pair_key(&credential, &model, "ban"),
-                this.pair_key(&credential, &model, "strikes"),
-            ];
-            let _ = this
-                .run::<i64>(&this.outcome, &keys, &[200, 0, 0, 0, 0])
-                .await;
+            let keys = this.outcome_keys(&credential, &model);
+            let args = [200, OUTCOME_SUCCESS, 0, 0, 0];
+            let _ = this.run::<i64>(&this.outcome, &keys, &args).await;
         });
     }
 
@@ -323,23 +334,16 @@ impl SharedLimits {
         outcome: Outcome,
         policy: &Policy,
     ) -> Result<Option<Ban>, String> {
-        let keys = [
-            self.pair_key(credential, model, "ban"),
-            self.pair_key(credential, model, "strikes"),
-        ];
+        let keys = self.outcome_keys(credential, model);
         let success = (200..300).contains(&outcome.status);
         let rule = policy.rule(outcome.status).filter(|_| outcome.counts);
         let (kind, threshold, duration_ms) = match rule {
-            _ if success => (0, 0, 0),
-            None => (2, 0, 0),
+            _ if success => (OUTCOME_SUCCESS, 0, 0),
+            None => (OUTCOME_NOT_COUNTED, 0, 0),
             Some(rule) => {
-                let duration = match rule.duration {
-                    RuleDuration::Fixed(BanDuration::Permanent) => None,
-                    RuleDuration::Fixed(BanDuration::For(d)) => Some(d),
-                    RuleDuration::RetryAfterOr(d) => Some(outcome.retry_after.unwrap_or(d)),
-                };
-                let ms = duration.map_or(-1, |d| (d.as_millis() as i64).max(1));
-                (1, i64::from(rule.threshold), ms)
+                let length = rule.ban_length(outcome.retry_after);
+                let ms = length.map_or(-1, |d| (d.as_millis() as i64).max(1));
+                (OUTCOME_COUNTED, i64::from(rule.threshold), ms)
             }
         };
         let args = [
@@ -399,52 +403,6 @@ fn parse_verdicts(reply: &[i64], candidates: usize, now: Instant) -> Result<Verd
         admitted: (first > 0).then(|| first as usize - 1),
         refused,
     })
-}
-
-/// The local fallback of the Redis backend: the in-process windows with each limit divided
-/// by the replica count (at least 1), as the operator renders it for the local backend.
-#[derive(Clone, Copy, Debug)]
-pub struct LocalShare(pub u32);
-
-impl LocalShare {
-    fn share(&self, limits: SlotLimits) -> SlotLimits {
-        let part = |l: Limit| match l {
-            Limit::Unlimited => Limit::Unlimited,
-            Limit::PerMinute(n) => Limit::PerMinute((n / u64::from(self.0)).max(1)),
-        };
-        SlotLimits {
-            rpm: part(limits.rpm),
-            tpm: part(limits.tpm),
-            model_rpm: part(limits.model_rpm),
-            model_tpm: part(limits.model_tpm),
-        }
-    }
-}
-
-impl Limits for LocalShare {
-    fn admit(&self, slot: SlotRef<'_>, now: Instant) -> Admission {
-        LocalLimits.admit(
-            SlotRef {
-                limits: self.share(slot.limits),
-                ..slot
-            },
-            now,
-        )
-    }
-
-    fn charge_tokens(&self, slot: SlotRef<'_>, tokens: u64, now: Instant) {
-        LocalLimits.charge_tokens(slot, tokens, now)
-    }
-
-    fn record_outcome(
-        &self,
-        slot: SlotRef<'_>,
-        outcome: Outcome,
-        policy: &Policy,
-        now: Instant,
-    ) -> Option<Ban> {
-        LocalLimits.record_outcome(slot, outcome, policy, now)
-    }
 }
 
 /// KEYS: `seq`, then per candidate: credential rpm, tpm, tpm sum; pair rpm, tpm, tpm sum,
@@ -620,25 +578,6 @@ mod tests {
         assert!(
             parse_verdicts(&[0, 9, 0, 0], 1, now).is_err(),
             "unknown kind"
-        );
-    }
-
-    #[test]
-    fn the_local_share_divides_every_limit_but_never_to_zero() {
-        let share = LocalShare(3).share(SlotLimits {
-            rpm: Limit::PerMinute(10),
-            tpm: Limit::Unlimited,
-            model_rpm: Limit::PerMinute(2),
-            model_tpm: Limit::PerMinute(3000),
-        });
-        assert_eq!(
-            share,
-            SlotLimits {
-                rpm: Limit::PerMinute(3),
-                tpm: Limit::Unlimited,
-                model_rpm: Limit::PerMinute(1),
-                model_tpm: Limit::PerMinute(1000),
-            }
         );
     }
 

@@ -1509,18 +1509,9 @@ impl RedisServer {
     /// Starts on `port` and waits (bounded) until it answers `PING`.
     pub async fn start_on(port: u16) -> RedisServer {
         let server = Self::spawn(&["--port", &port.to_string()], port);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for _ in 0..500 {
-            if server.command(&["PING"]).await.as_deref() == Some("+PONG") {
-                return server;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not answer PING within 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("redis-server did not answer PING");
+        let ping = async || server.command(&["PING"]).await.as_deref() == Some("+PONG");
+        Self::wait("answer PING", ping).await;
+        server
     }
 
     /// Starts with TLS only on a free port (`cert`/`key`: PEM files), waiting (bounded) until
@@ -1538,21 +1529,29 @@ impl RedisServer {
             "no",
         ];
         let server = Self::spawn(&[&args[..], &tls[..]].concat(), port);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for _ in 0..500 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+        let listening = async || {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .is_ok()
-            {
-                return server;
+        };
+        Self::wait("listen", listening).await;
+        server
+    }
+
+    /// Waits until `ready` holds: at most 10 s and 500 tries, else the test fails.
+    async fn wait(what: &str, ready: impl AsyncFn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for _ in 0..500 {
+            if ready().await {
+                return;
             }
             assert!(
                 Instant::now() < deadline,
-                "redis-server did not listen within 10 s"
+                "redis-server did not {what} within 10 s"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("redis-server did not listen");
+        panic!("redis-server did not {what}");
     }
 
     fn spawn(args: &[&str], port: u16) -> RedisServer {

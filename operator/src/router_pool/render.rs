@@ -66,7 +66,7 @@ pub fn render_config(
     }
     let replicas = spec.replicas.max(1) as u32;
     let (share, rate_limit) = match &resolved.shared_limits {
-        None => (Share(u64::from(replicas)), RateLimitConfig::default()),
+        None => (Share(replicas), RateLimitConfig::default()),
         Some(shared) => (
             Share(1),
             RateLimitConfig {
@@ -109,16 +109,15 @@ pub fn render_config(
     })
 }
 
-/// A replica's share of a limit.
+/// How many replicas split each limit (1: they share whole limits in Redis).
 #[derive(Clone, Copy)]
-struct Share(u64);
+struct Share(u32);
 
 impl Share {
+    /// A replica's share of `limit`: the data plane's own rule ([`Limit::share`]), which its
+    /// Redis backend also falls back on.
     fn of(self, limit: Limit) -> Limit {
-        match limit {
-            Limit::Unlimited => Limit::Unlimited,
-            Limit::PerMinute(n) => Limit::PerMinute((n / self.0).max(1)),
-        }
+        limit.share(self.0)
     }
 }
 

@@ -261,38 +261,18 @@ pub async fn resolve(
     }
     let secrets = SecretValues::fetch(&secrets_api, names).await?;
 
-    let master = &pool.spec.master_key_secret_ref;
-    let master_key = secrets
-        .value(master, "spec.masterKeySecretRef")
-        .map_err(|p| match p.reason {
-            "SecretNotFound" => Error::SecretNotFound {
-                namespace: namespace.clone(),
-                secret: master.name.clone(),
-                field: "spec.masterKeySecretRef",
-            },
-            _ => Error::SecretKeyMissing {
-                secret: master.name.clone(),
-                key: master.key.clone(),
-                field: "spec.masterKeySecretRef",
-            },
-        })?;
+    let master_key = pool_secret(
+        &secrets,
+        &pool.spec.master_key_secret_ref,
+        "spec.masterKeySecretRef",
+        &namespace,
+    )?;
 
     let shared_limits = match redis_ref {
         None => None,
         Some(r) => {
-            const FIELD: &str = "spec.rateLimit.redis.urlSecretRef";
-            let redis_url = secrets.value(r, FIELD).map_err(|p| match p.reason {
-                "SecretNotFound" => Error::SecretNotFound {
-                    namespace: namespace.clone(),
-                    secret: r.name.clone(),
-                    field: FIELD,
-                },
-                _ => Error::SecretKeyMissing {
-                    secret: r.name.clone(),
-                    key: r.key.clone(),
-                    field: FIELD,
-                },
-            })?;
+            let redis_url =
+                pool_secret(&secrets, r, "spec.rateLimit.redis.urlSecretRef", &namespace)?;
             Some(SharedLimits {
                 redis_url,
                 key_prefix: format!("{namespace}/{pool_name}"),
@@ -351,6 +331,28 @@ pub async fn resolve(
     })
 }
 
+/// A value the pool itself needs (its master key, its Redis URL): without it the pool cannot
+/// run, so the error is the pool's, naming the Secret and `field`.
+fn pool_secret(
+    secrets: &SecretValues,
+    r: &SecretKeyRef,
+    field: &'static str,
+    namespace: &str,
+) -> Result<String> {
+    secrets.value(r, field).map_err(|p| match p.reason {
+        "SecretNotFound" => Error::SecretNotFound {
+            namespace: namespace.to_owned(),
+            secret: r.name.clone(),
+            field,
+        },
+        _ => Error::SecretKeyMissing {
+            secret: r.name.clone(),
+            key: r.key.clone(),
+            field,
+        },
+    })
+}
+
 /// The content hash of a `spec.trustedCA` bundle (what rolls the pods when it changes), or
 /// the condition reason and message saying why it cannot be used.
 pub fn trusted_ca_hash(
@@ -359,18 +361,21 @@ pub fn trusted_ca_hash(
     key: &str,
 ) -> Result<String, (&'static str, String)> {
     if !exists {
-        return Err(("ConfigMapNotFound", "does not exist".into()));
+        return Err((
+            "ConfigMapNotFound",
+            "does not exist; create it or correct spec.trustedCA.name".into(),
+        ));
     }
     let Some(pem) = pem else {
         return Err((
             "ConfigMapKeyMissing",
-            format!("has no key {key:?} in its data"),
+            format!("has no key {key:?} in its data; add it or correct spec.trustedCA.key"),
         ));
     };
     if !pem.contains("-----BEGIN CERTIFICATE-----") {
         return Err((
             "InvalidTrustedCA",
-            format!("key {key:?} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+            format!("key {key:?} holds no PEM certificate (-----BEGIN CERTIFICATE-----); put the CA certificates there in PEM"),
         ));
     }
     Ok(airouter::config::document_hash(pem))
