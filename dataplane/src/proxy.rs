@@ -32,7 +32,7 @@ use crate::{
     metrics, mock,
     request::{self, Probe, Rewritten},
     runtime::{Credential, Lookup, Route, Runtime, Slot, Tier},
-    select::{select, select_shared, Exhausted},
+    select::{select, select_shared, Exhausted, Pick},
     stream::{usage, TokenUsage, UsageTap},
     upstream::{self, HOPS_HEADER},
 };
@@ -252,7 +252,7 @@ async fn proxy(
         }
         tried.push(pick.slot.cred);
         let cred = &rt.credentials[pick.slot.cred];
-        match fwd.attempt(cred, pick.slot, attempt + 1).await {
+        match fwd.attempt(cred, &pick, attempt + 1).await {
             Attempt::Answer(resp, tokens) => {
                 if pick.tier == Tier::Fallback {
                     app.metrics.fallback(model_id);
@@ -440,7 +440,7 @@ impl Forward<'_> {
     async fn record(
         &self,
         cred: &Credential,
-        slot: &Slot,
+        pick: &Pick<'_>,
         outcome: Outcome,
         ttfb: Duration,
         now: Instant,
@@ -457,7 +457,11 @@ impl Forward<'_> {
         let shared = self.rt.shared.as_ref().filter(|s| s.available());
         let from_redis = match shared {
             Some(shared) if (200..300).contains(&outcome.status) => {
-                shared.record_success_in_background(cred.name.clone(), Arc::from(self.model_id));
+                shared.record_success_in_background(
+                    cred.name.clone(),
+                    Arc::from(self.model_id),
+                    pick.strikes,
+                );
                 Some(None)
             }
             // Boxed: the Redis call's state stays out of every request's future.
@@ -475,7 +479,7 @@ impl Forward<'_> {
                 ban
             }
             None => self.app.limits.record_outcome(
-                self.slot_ref(cred, slot),
+                self.slot_ref(cred, pick.slot),
                 outcome,
                 &self.rt.policy,
                 now,
@@ -498,7 +502,7 @@ impl Forward<'_> {
     async fn transport_failure(
         &self,
         cred: &Credential,
-        slot: &Slot,
+        pick: &Pick<'_>,
         error: TransportError,
         sent: Instant,
     ) -> Attempt {
@@ -509,7 +513,7 @@ impl Forward<'_> {
         let now = Instant::now();
         self.record(
             cred,
-            slot,
+            pick,
             Outcome {
                 status,
                 retry_after: None,
@@ -522,7 +526,8 @@ impl Forward<'_> {
         Attempt::Retry(Failure::Transport(error))
     }
 
-    async fn attempt(&self, cred: &Credential, slot: &Slot, attempt_no: u32) -> Attempt {
+    async fn attempt(&self, cred: &Credential, pick: &Pick<'_>, attempt_no: u32) -> Attempt {
+        let slot = pick.slot;
         let timeout = self.rt.config.server.request_timeout;
         let sent = Instant::now();
         let (parts, body) = match (&cred.kind, &cred.mock) {
@@ -550,7 +555,7 @@ impl Forward<'_> {
                     Err(e) => {
                         warn!(request_id = self.ctx.id(), credential = %cred.name, error = %e, "cannot build the upstream request");
                         return self
-                            .transport_failure(cred, slot, TransportError::Connect, sent)
+                            .transport_failure(cred, pick, TransportError::Connect, sent)
                             .await;
                     }
                 };
@@ -563,13 +568,13 @@ impl Forward<'_> {
                     Err(_) => {
                         warn!(request_id = self.ctx.id(), credential = %cred.name, "upstream did not answer within request_timeout");
                         return self
-                            .transport_failure(cred, slot, TransportError::Timeout, sent)
+                            .transport_failure(cred, pick, TransportError::Timeout, sent)
                             .await;
                     }
                     Ok(Err(e)) => {
                         warn!(request_id = self.ctx.id(), credential = %cred.name, error = %e, "upstream request failed");
                         return self
-                            .transport_failure(cred, slot, TransportError::Connect, sent)
+                            .transport_failure(cred, pick, TransportError::Connect, sent)
                             .await;
                     }
                     Ok(Ok(resp)) => {
@@ -587,7 +592,7 @@ impl Forward<'_> {
             // The answer, whatever its status: bytes are about to reach the client.
             self.record(
                 cred,
-                slot,
+                pick,
                 Outcome {
                     status: status.as_u16(),
                     retry_after: None,
@@ -622,16 +627,16 @@ impl Forward<'_> {
                 warn!(request_id = self.ctx.id(), credential = %cred.name, limit_bytes = limit,
                     "upstream response larger than server.max_body_size_mb × server.response_body_multiplier allows");
                 return self
-                    .transport_failure(cred, slot, TransportError::Body, sent)
+                    .transport_failure(cred, pick, TransportError::Body, sent)
                     .await;
             }
             Ok(Err(CollectError::Body(e))) => {
                 warn!(request_id = self.ctx.id(), credential = %cred.name, error = %e, "upstream response body failed");
                 return self
-                    .transport_failure(cred, slot, TransportError::Body, sent)
+                    .transport_failure(cred, pick, TransportError::Body, sent)
                     .await;
             }
-            Err(t) => return self.transport_failure(cred, slot, t, sent).await,
+            Err(t) => return self.transport_failure(cred, pick, t, sent).await,
         };
         let now = Instant::now();
         let benign = !status.is_success() && is_request_specific_error(&bytes);
@@ -642,7 +647,7 @@ impl Forward<'_> {
             .and_then(parse_retry_after);
         self.record(
             cred,
-            slot,
+            pick,
             Outcome {
                 status: status.as_u16(),
                 retry_after,

@@ -25,6 +25,9 @@ pub struct Pick<'r> {
     pub tier: Tier,
     /// The candidates passed over on the way, for metrics.
     pub skipped: Exhausted,
+    /// Whether a success must be sent to the shared backend to reset fail2ban strikes: what
+    /// Redis said of the admitted pair, or true when the pick was not Redis's (unknown).
+    pub strikes: bool,
 }
 
 /// Why nothing could be picked.
@@ -50,12 +53,13 @@ struct Candidate<'r> {
 
 impl<'r> Candidate<'r> {
     /// The candidate admitted the request: the cursor moves past it.
-    fn pick(self, cursor: &Cursor, skipped: Exhausted) -> Pick<'r> {
+    fn pick(self, cursor: &Cursor, skipped: Exhausted, strikes: bool) -> Pick<'r> {
         cursor.advance_past(self.tier, self.position);
         Pick {
             slot: self.slot,
             tier: self.tier,
             skipped,
+            strikes,
         }
     }
 }
@@ -167,7 +171,7 @@ pub fn select<'r>(
         },
     );
     match picked {
-        Some(c) => Ok(c.pick(cursor, exhausted)),
+        Some(c) => Ok(c.pick(cursor, exhausted, true)),
         None => Err(exhausted),
     }
 }
@@ -228,7 +232,7 @@ pub async fn select_shared<'r>(
                 &rt.slot_limits(c.slot),
                 Instant::now(),
             );
-            return Ok(c.pick(cursor, exhausted));
+            return Ok(c.pick(cursor, exhausted, verdicts.strikes));
         }
     }
     select(

@@ -225,6 +225,53 @@ async fn a_success_on_one_replica_resets_the_strikes_of_all() {
     assert_eq!(a.chat_status("gpt-4o").await, 200, "not banned");
 }
 
+/// Script calls Redis has run since its statistics were reset (`EVALSHA` and `EVAL`; a
+/// script's first `EVALSHA` fails with `NOSCRIPT` and is counted as `failed_calls`, not here).
+async fn script_calls(redis: &RedisServer) -> u64 {
+    let info = redis
+        .command_value(&["INFO", "commandstats"])
+        .await
+        .unwrap_or_default();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_without_strikes_costs_two_redis_calls() {
+    // Admission and token charge (12 tokens per answer); no strike reset: there are none.
+    let Pool {
+        redis,
+        mock: _mock,
+        a,
+        b: _b,
+    } = Pool::start(&["tpm: 1000000"], true).await;
+    assert_eq!(a.chat_status("gpt-4o").await, 200, "loads the scripts");
+    let sum = format!("{{{}}}:c:2:c1:tpm:sum", key_prefix(&a));
+    let charged = |n: &'static str| {
+        let (redis, sum) = (&redis, &sum);
+        async move || redis.command_value(&["GET", sum]).await.as_deref() == Some(n)
+    };
+    assert!(eventually(Duration::from_secs(3), charged("12")).await);
+    redis.command(&["CONFIG", "RESETSTAT"]).await;
+
+    for _ in 0..5 {
+        assert_eq!(a.chat_status("gpt-4o").await, 200);
+    }
+    assert!(eventually(Duration::from_secs(3), charged("72")).await);
+    // A success's reset would be written in the background too: give it time to show.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(script_calls(&redis).await, 10, "5 admissions and 5 charges");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_each_replica_enforces_its_share_until_redis_answers() {
     let port = free_port();

@@ -7,7 +7,9 @@
 //!   that is neither banned nor at a limit — one round trip per request, however many
 //!   credentials are full;
 //! - [`CHARGE`] adds the tokens a provider reported;
-//! - [`OUTCOME`] counts fail2ban strikes and sets the ban.
+//! - [`OUTCOME`] counts fail2ban strikes and sets the ban. A success is sent only when
+//!   [`ADMIT`] saw strikes on the pair it admitted (there is nothing else for it to reset), so
+//!   a request on a healthy credential costs two calls: the admission and the token charge.
 //!
 //! Windows are exact like the local ones: a sorted set of events scored by time (TPM events
 //! carry their token count, with a running sum beside the set). Every key starts with the hash
@@ -66,6 +68,8 @@ pub struct Candidate<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Verdicts {
     pub admitted: Option<usize>,
+    /// The admitted pair has fail2ban strikes, which a success must reset.
+    pub strikes: bool,
     pub refused: Vec<Refusal>,
 }
 
@@ -243,7 +247,7 @@ impl SharedLimits {
         model: &str,
         candidates: &[Candidate<'_>],
     ) -> Result<Verdicts, String> {
-        let mut keys = Vec::with_capacity(1 + candidates.len() * 7);
+        let mut keys = Vec::with_capacity(1 + candidates.len() * 8);
         keys.push(format!("{}:seq", self.tag));
         let mut args = Vec::with_capacity(2 + candidates.len() * 4);
         args.push(WINDOW.as_millis() as i64);
@@ -255,7 +259,7 @@ impl SharedLimits {
             keys.push(self.pair_key(c.credential, model, "rpm"));
             keys.push(self.pair_key(c.credential, model, "tpm"));
             keys.push(self.pair_key(c.credential, model, "tpm:sum"));
-            keys.push(self.pair_key(c.credential, model, "ban"));
+            keys.extend(self.outcome_keys(c.credential, model));
             for l in [
                 c.limits.rpm,
                 c.limits.tpm,
@@ -313,9 +317,18 @@ impl SharedLimits {
     }
 
     /// A success, off the request path: it resets the pair's strikes and can cause no ban,
-    /// so the answer need not wait for Redis.
-    pub fn record_success_in_background(self: &Arc<Self>, credential: Arc<str>, model: Arc<str>) {
-        if !self.available() {
+    /// so the answer need not wait for Redis. `strikes`: [`Verdicts::strikes`] of the
+    /// admission; without strikes there is nothing to reset and no call is made. (A strike
+    /// another replica records while this request runs is then not reset by its success; the
+    /// background call could as well land after a later strike, so replicas never ordered a
+    /// success against their failures exactly.)
+    pub fn record_success_in_background(
+        self: &Arc<Self>,
+        credential: Arc<str>,
+        model: Arc<str>,
+        strikes: bool,
+    ) {
+        if !strikes || !self.available() {
             return;
         }
         let this = self.clone();
@@ -378,13 +391,20 @@ fn describe(e: &redis::RedisError) -> String {
     }
 }
 
-/// Reads [`ADMIT`]'s reply: the 1-based index admitted (0: none), then three numbers per
-/// candidate passed over — kind (1 banned, 2 limited), milliseconds until it frees (-1: never
+/// Reads [`ADMIT`]'s reply: the 1-based index admitted (0: none) and whether that pair has
+/// strikes (1) or not (0), then three numbers per candidate passed over — kind (1 banned, 2 limited), milliseconds until it frees (-1: never
 /// for a ban, unknown for a window) and the ban's status code.
 fn parse_verdicts(reply: &[i64], candidates: usize, now: Instant) -> Result<Verdicts, String> {
     let bad = || format!("unexpected reply from the admission script: {reply:?}");
-    let (&first, rest) = reply.split_first().ok_or_else(bad)?;
-    if first < 0 || first as usize > candidates || rest.len() % 3 != 0 {
+    let [first, strikes, rest @ ..] = reply else {
+        return Err(bad());
+    };
+    let (first, strikes) = (*first, *strikes);
+    if first < 0
+        || first as usize > candidates
+        || !(0..=1).contains(&strikes)
+        || rest.len() % 3 != 0
+    {
         return Err(bad());
     }
     let at = |ms: i64| (ms >= 0).then(|| now + Duration::from_millis(ms as u64));
@@ -401,12 +421,13 @@ fn parse_verdicts(reply: &[i64], candidates: usize, now: Instant) -> Result<Verd
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Verdicts {
         admitted: (first > 0).then(|| first as usize - 1),
+        strikes: strikes == 1,
         refused,
     })
 }
 
 /// KEYS: `seq`, then per candidate: credential rpm, tpm, tpm sum; pair rpm, tpm, tpm sum,
-/// ban. ARGV: window ms, key TTL ms, then per candidate: rpm, tpm, model rpm, model tpm
+/// ban, strikes. ARGV: window ms, key TTL ms, then per candidate: rpm, tpm, model rpm, model tpm
 /// (-1: unlimited). The credential's windows are always kept (a limit added by a reload then
 /// sees the past minute); a pair's only when it has that limit.
 const ADMIT: &str = r#"
@@ -456,10 +477,10 @@ local function total_frees(k, sum, limit)
   return -1
 end
 
-local out = {0}
-local n = (#KEYS - 1) / 7
+local out = {0, 0}
+local n = (#KEYS - 1) / 8
 for i = 0, n - 1 do
-  local k = 1 + i * 7
+  local k = 1 + i * 8
   local a = 2 + i * 4
   local rpm, tpm = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local mrpm, mtpm = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
@@ -501,6 +522,7 @@ for i = 0, n - 1 do
         redis.call('PEXPIRE', KEYS[k + 4], ttl)
       end
       out[1] = i + 1
+      out[2] = redis.call('EXISTS', KEYS[k + 8])
       return out
     end
   end
@@ -557,8 +579,9 @@ mod tests {
     #[test]
     fn verdicts_read_every_refusal_in_order() {
         let now = Instant::now();
-        let v = parse_verdicts(&[3, 1, -1, 401, 2, 1500, 0], 3, now).unwrap();
+        let v = parse_verdicts(&[3, 1, 1, -1, 401, 2, 1500, 0], 3, now).unwrap();
         assert_eq!(v.admitted, Some(2));
+        assert!(v.strikes);
         assert_eq!(
             v.refused,
             vec![
@@ -571,12 +594,21 @@ mod tests {
                 },
             ]
         );
-        let none = parse_verdicts(&[0, 2, -1, 0], 1, now).unwrap();
+        let none = parse_verdicts(&[0, 0, 2, -1, 0], 1, now).unwrap();
         assert_eq!(none.admitted, None);
+        assert!(!none.strikes);
         assert!(parse_verdicts(&[], 1, now).is_err());
-        assert!(parse_verdicts(&[2], 1, now).is_err(), "index past the list");
+        assert!(parse_verdicts(&[1], 1, now).is_err(), "no strikes flag");
         assert!(
-            parse_verdicts(&[0, 9, 0, 0], 1, now).is_err(),
+            parse_verdicts(&[2, 0], 1, now).is_err(),
+            "index past the list"
+        );
+        assert!(
+            parse_verdicts(&[1, 2], 1, now).is_err(),
+            "strikes not 0 or 1"
+        );
+        assert!(
+            parse_verdicts(&[0, 0, 9, 0, 0], 1, now).is_err(),
             "unknown kind"
         );
     }

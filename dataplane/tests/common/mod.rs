@@ -35,7 +35,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, Notify};
 
 /// Master key used by the tests (distinctive so that log scans are meaningful).
@@ -1616,10 +1616,14 @@ impl RedisServer {
     pub async fn command_value(&self, args: &[&str]) -> Option<String> {
         let mut reader = self.send(args).await?;
         let head = Self::line(&mut reader).await?;
-        if !head.starts_with('$') || head == "$-1" {
-            return None;
-        }
-        Self::line(&mut reader).await
+        let len: usize = head.strip_prefix('$')?.parse().ok()?;
+        let mut value = vec![0; len + 2]; // and its CRLF
+        tokio::time::timeout(Duration::from_secs(2), reader.read_exact(&mut value))
+            .await
+            .ok()?
+            .ok()?;
+        value.truncate(len);
+        String::from_utf8(value).ok()
     }
 
     /// Stops the server (SIGKILL) and waits for it.
