@@ -11,7 +11,6 @@ use tracing::{info, warn};
 
 use crate::{
     config::{ConfigError, Problem, RouterConfig},
-    limit::{Limits, LocalLimits},
     metrics::Metrics,
     remote::RemoteHealth,
     runtime::Runtime,
@@ -22,7 +21,6 @@ use crate::{
 pub struct App {
     pub store: ConfigStore,
     pub client: upstream::Client,
-    pub limits: Arc<dyn Limits>,
     pub metrics: Metrics,
     pub remote: Arc<RemoteHealth>,
     /// False once shutdown has begun: readiness fails so traffic drains away.
@@ -49,7 +47,6 @@ impl App {
         Arc::new(App {
             store,
             client,
-            limits: Arc::new(LocalLimits::WHOLE),
             metrics,
             remote: Arc::default(),
             ready: AtomicBool::new(true),

@@ -27,7 +27,8 @@ use crate::{
     error::{ExhaustedReason, ProxyError, TransportError},
     health,
     limit::{
-        fail2ban::Outcome, parse_retry_after, retry_after_secs, shared::SharedLimits, SlotRef,
+        fail2ban::Outcome, parse_retry_after, retry_after_secs, shared::SharedLimits, LocalLimits,
+        SlotRef,
     },
     metrics, mock,
     request::{self, Probe, Rewritten},
@@ -213,7 +214,7 @@ async fn proxy(
                 model_id,
                 &cursor,
                 tried.as_slice(),
-                &*app.limits,
+                &LocalLimits::WHOLE,
                 &app.remote,
                 now,
             ),
@@ -402,14 +403,13 @@ fn access_log(
 /// windows, or the Redis backend's mirror of them) and, with Redis, in Redis off the request
 /// path.
 fn charge(
-    app: &App,
     shared: Option<&Arc<SharedLimits>>,
     slot: SlotRef<'_>,
     credential: &Arc<str>,
     tokens: u64,
     now: Instant,
 ) {
-    app.limits.charge_tokens(slot, tokens, now);
+    LocalLimits::WHOLE.charge_tokens(slot, tokens, now);
     if let Some(shared) = shared {
         shared.charge_in_background(
             credential.clone(),
@@ -478,7 +478,7 @@ impl Forward<'_> {
                     .mirror_ban(self.model_id, Some(outcome.status), ban.clone());
                 ban
             }
-            None => self.app.limits.record_outcome(
+            None => LocalLimits::WHOLE.record_outcome(
                 self.slot_ref(cred, pick.slot),
                 outcome,
                 &self.rt.policy,
@@ -661,14 +661,7 @@ impl Forward<'_> {
         if status.is_success() {
             if let Some(u) = usage(&bytes) {
                 let shared = self.rt.shared.as_ref();
-                charge(
-                    self.app,
-                    shared,
-                    self.slot_ref(cred, slot),
-                    &cred.name,
-                    u.total,
-                    now,
-                );
+                charge(shared, self.slot_ref(cred, slot), &cred.name, u.total, now);
                 self.app.metrics.tokens(&cred.name, self.model_id, &u);
                 tokens = u;
             }
@@ -716,14 +709,7 @@ impl Forward<'_> {
                     model: &model,
                     limits: slot_limits,
                 };
-                charge(
-                    &app,
-                    shared.as_ref(),
-                    slot,
-                    &name,
-                    tokens.total,
-                    Instant::now(),
-                );
+                charge(shared.as_ref(), slot, &name, tokens.total, Instant::now());
                 app.metrics.tokens(&name, &model, &tokens);
             }
             access_log(

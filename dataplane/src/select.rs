@@ -1,6 +1,6 @@
 //! Credential selection: round-robin per model over primaries, then over fallbacks, skipping
 //! pairs that are banned or rate-limited. [`select`] does no I/O and reads no clock: the caller
-//! passes the in-process limiter and `now`; admission through [`Limits::admit`] reserves the
+//! passes the in-process limiter and `now`; admission through [`LocalLimits::admit`] reserves the
 //! RPM slot atomically, so a credential never admits more than its limit however many requests
 //! race. [`select_shared`] walks the same candidates but lets Redis admit (one call per
 //! request), falling back on [`select`] with each replica's share when Redis does not answer.
@@ -12,7 +12,7 @@ use crate::{
     limit::{
         fail2ban::Ban,
         shared::{self, Refusal, SharedLimits},
-        Admission, Limits, SlotRef,
+        Admission, LocalLimits, SlotRef,
     },
     remote::RemoteHealth,
     runtime::{Cursor, Route, Runtime, Slot, Tier},
@@ -138,7 +138,7 @@ pub fn select<'r>(
     model_id: &str,
     cursor: &Cursor,
     tried: &[usize],
-    limits: &dyn Limits,
+    limits: &LocalLimits,
     remote: &RemoteHealth,
     now: Instant,
 ) -> Result<Pick<'r>, Exhausted> {

@@ -1,7 +1,7 @@
 //! Rate limits and bans: the state that decides whether a (credential, model) pair may take
 //! one more request.
 //!
-//! Selection never touches this state directly; it asks a [`Limits`] backend to admit a slot.
+//! Selection never touches this state directly; it asks a backend to admit a slot.
 //! [`LocalLimits`] keeps the state in process ([`CredState`], one lock per credential, held for
 //! a few hundred nanoseconds and never across an `.await`); the Redis backend
 //! ([`shared::SharedLimits`]) shares them between replicas and falls back on the local state.
@@ -69,23 +69,6 @@ pub struct SlotRef<'a> {
     pub limits: SlotLimits,
 }
 
-/// Where RPM/TPM windows and bans live.
-pub trait Limits: Send + Sync + 'static {
-    /// Atomically checks the ban and every window of the slot and, if all pass, records one
-    /// request on both the credential and the pair.
-    fn admit(&self, slot: SlotRef<'_>, now: Instant) -> Admission;
-    /// Charges tokens reported by the provider's `usage`.
-    fn charge_tokens(&self, slot: SlotRef<'_>, tokens: u64, now: Instant);
-    /// Feeds one attempt's outcome to fail2ban; returns the ban it caused.
-    fn record_outcome(
-        &self,
-        slot: SlotRef<'_>,
-        outcome: Outcome,
-        policy: &Policy,
-        now: Instant,
-    ) -> Option<Ban>;
-}
-
 /// The in-process backend: each replica enforces its own windows, against whole limits
 /// ([`LocalLimits::WHOLE`]) or, as the Redis backend's fallback, against its share of them.
 #[derive(Clone, Copy, Debug)]
@@ -104,8 +87,10 @@ impl LocalLimits {
     }
 }
 
-impl Limits for LocalLimits {
-    fn admit(&self, slot: SlotRef<'_>, now: Instant) -> Admission {
+impl LocalLimits {
+    /// Atomically checks the ban and every window of the slot and, if all pass, records one
+    /// request on both the credential and the pair.
+    pub fn admit(&self, slot: SlotRef<'_>, now: Instant) -> Admission {
         let limits = if self.parts > 1 {
             slot.limits.share(self.parts)
         } else {
@@ -114,11 +99,13 @@ impl Limits for LocalLimits {
         slot.state.admit(slot.model, &limits, now)
     }
 
-    fn charge_tokens(&self, slot: SlotRef<'_>, tokens: u64, now: Instant) {
+    /// Charges tokens reported by the provider's `usage`.
+    pub fn charge_tokens(&self, slot: SlotRef<'_>, tokens: u64, now: Instant) {
         slot.state.charge_tokens(slot.model, tokens, now)
     }
 
-    fn record_outcome(
+    /// Feeds one attempt's outcome to fail2ban; returns the ban it caused.
+    pub fn record_outcome(
         &self,
         slot: SlotRef<'_>,
         outcome: Outcome,
