@@ -273,6 +273,46 @@ async fn a_success_without_strikes_costs_two_redis_calls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_a_replica_onto_the_shared_windows_and_off_them() {
+    let redis = RedisServer::start().await;
+    let mock = MockUpstream::start().await;
+    let local = admin_server_yaml(0, &[])
+        + &creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), &["rpm: 4"])])
+        + MODELS;
+    let shared = local.clone() + &redis_section(&redis.url(), 2);
+    let a = Router::start(&local).await;
+    let b = Router::start(&shared).await;
+    assert_eq!(
+        a.admin_state().await["rate_limit"]["backend"],
+        json!("local")
+    );
+    assert_eq!(a.chat_status("gpt-4o").await, 200, "a's own window: 1 of 4");
+
+    let (status, body) = a.push_config(&a.fill(&shared)).await;
+    assert_eq!(status, 200, "{body}");
+    let state = a.admin_state().await;
+    assert_eq!(state["rate_limit"]["backend"], json!("redis"), "{state}");
+    for router in [&a, &b, &a, &b] {
+        assert_eq!(router.chat_status("gpt-4o").await, 200);
+    }
+    for router in [&a, &b] {
+        let why = "4 requests in the shared window (a's earlier local one is not in it)";
+        expect_exhausted(router, 60, "all_credentials_rate_limited", why).await;
+    }
+
+    let (status, body) = a.push_config(&a.fill(&local)).await;
+    assert_eq!(status, 200, "{body}");
+    redis.command(&["CONFIG", "RESETSTAT"]).await;
+    // Back on its own windows, which kept the 3 requests it admitted: one more fits in 4.
+    assert_eq!(a.chat_status("gpt-4o").await, 200);
+    let why = "a's own window is full again";
+    expect_exhausted(&a, 60, "all_credentials_rate_limited", why).await;
+    assert_eq!(script_calls(&redis).await, 0, "a no longer asks Redis");
+    expect_exhausted(&b, 60, "all_credentials_rate_limited", "b still shares").await;
+    assert_eq!(mock.count(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_each_replica_enforces_its_share_until_redis_answers() {
     let port = free_port();
     let mock = MockUpstream::start().await;
