@@ -30,8 +30,10 @@ need() {
 }
 
 section "Debian packages the tests use"
-# A real redis-server backs the shared rate-limit tests (dataplane/tests/redis_limits.rs, e2e).
+# A real redis-server backs the shared rate-limit tests (dataplane/tests/redis_limits.rs, e2e);
+# redis-cli assigns the slots of the Redis Cluster one of them builds.
 need redis-server redis-server
+need redis-cli redis-tools
 
 section "cargo build --workspace --all-targets"
 cargo build --workspace --all-targets

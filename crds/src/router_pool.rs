@@ -83,6 +83,10 @@ pub struct RateLimitSpec {
 pub struct RedisSpec {
     /// The Secret key holding the Redis URL (it may contain a password).
     pub url_secret_ref: SecretKeyRef,
+    /// The URL is one node of a Redis Cluster: the routers learn the other nodes from it and
+    /// follow the cluster's redirections.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

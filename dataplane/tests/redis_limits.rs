@@ -313,6 +313,88 @@ async fn a_reload_moves_a_replica_onto_the_shared_windows_and_off_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_their_windows_in_a_redis_cluster() {
+    let cluster = RedisCluster::start().await;
+    let mock = MockUpstream::start().await;
+    let creds = creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), &["rpm: 4"])]);
+    let prefix = format!("test-{}", free_port());
+    let section = |node: &RedisServer, cluster: bool| {
+        format!(
+            "rate_limit:\n  backend: redis\n  redis_url: \"{}\"\n  cluster: {cluster}\n  key_prefix: {prefix}\n  replicas: 2\n  timeout: 5s\n",
+            node.url()
+        )
+    };
+    // Each replica knows a different node; the client finds the slot's owner from either.
+    let a =
+        Router::start(&(server_yaml(0, &[]) + &creds + MODELS + &section(&cluster.nodes[0], true)))
+            .await;
+    let b =
+        Router::start(&(server_yaml(0, &[]) + &creds + MODELS + &section(&cluster.nodes[1], true)))
+            .await;
+    for router in [&a, &b, &a, &b] {
+        assert_eq!(router.chat_status("gpt-4o").await, 200);
+    }
+    for router in [&a, &b] {
+        let why = "4 requests in the window the cluster holds";
+        expect_exhausted(router, 60, "all_credentials_rate_limited", why).await;
+    }
+    assert_eq!(mock.count(), 4);
+    let counts = cluster.key_counts().await;
+    assert_eq!(
+        counts.iter().filter(|&&n| n > 0).count(),
+        1,
+        "every key of the pool in one slot, on one node: {counts:?}"
+    );
+
+    // Without `cluster`, a node that does not own the slot answers MOVED: the replica says so
+    // and enforces its local share (2 of 4) instead of the shared window.
+    let owner = counts.iter().position(|&n| n > 0).unwrap();
+    let other = &cluster.nodes[(owner + 1) % 3];
+    let c = Router::start(&(server_yaml(0, &[]) + &creds + MODELS + &section(other, false))).await;
+    for _ in 0..2 {
+        assert_eq!(c.chat_status("gpt-4o").await, 200, "its local share");
+    }
+    expect_exhausted(&c, 60, "all_credentials_rate_limited", "2 of 4 locally").await;
+    let logs = c.logs();
+    assert!(logs.to_lowercase().contains("moved"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_is_down_at_start_is_used_once_it_answers() {
+    let ports = [free_port(), free_port(), free_port()];
+    let mock = MockUpstream::start().await;
+    let url = format!("redis://127.0.0.1:{}", ports[0]);
+    let yaml = server_yaml(0, &[])
+        + &creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), &["rpm: 4"])])
+        + MODELS
+        + &redis_section(&url, 2).replace("backend: redis\n", "backend: redis\n  cluster: true\n");
+    let (a, b) = replicas(&yaml).await;
+    assert_eq!(
+        a.chat_status("gpt-4o").await,
+        200,
+        "no cluster yet: the local share"
+    );
+
+    let cluster = RedisCluster::start_on(ports).await;
+    // Past the retry pause, both replicas reach the cluster and share one window of 4 (a's
+    // earlier request was counted only locally).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut admitted = 0;
+    for router in [&a, &b, &a, &b, &a, &b] {
+        if router.chat_status("gpt-4o").await == 200 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(
+        admitted,
+        4,
+        "the shared window: {:?}",
+        cluster.key_counts().await
+    );
+    assert!(cluster.key_counts().await.iter().any(|&n| n > 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_each_replica_enforces_its_share_until_redis_answers() {
     let port = free_port();
     let mock = MockUpstream::start().await;

@@ -27,6 +27,8 @@ struct Input {
 struct InputShared {
     redis_url: String,
     key_prefix: String,
+    #[serde(default)]
+    cluster: bool,
 }
 
 #[derive(Deserialize)]
@@ -69,6 +71,7 @@ fn render(dir: &Path) -> (RouterConfig, String) {
         shared_limits: input.shared_limits.map(|s| SharedLimits {
             redis_url: s.redis_url,
             key_prefix: s.key_prefix,
+            cluster: s.cluster,
         }),
         trusted_ca_hash: None,
     };

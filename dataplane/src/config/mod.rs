@@ -82,6 +82,10 @@ pub struct RateLimitConfig {
     /// required with the redis backend. It may carry a password: a [`Secret`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<Secret>,
+    /// `redis_url` is one node of a Redis Cluster: the client learns the others from it and
+    /// follows the cluster's redirections (every key of one request is in one slot).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cluster: bool,
     /// Namespaces the keys, so routers of different pools can share one Redis.
     pub key_prefix: String,
     /// How many replicas share the limits. With the redis backend, while Redis cannot be
@@ -106,6 +110,7 @@ impl Default for RateLimitConfig {
         Self {
             backend: RateLimitBackend::Local,
             redis_url: None,
+            cluster: false,
             key_prefix: Self::DEFAULT_PREFIX.into(),
             replicas: 1,
             timeout: Self::DEFAULT_TIMEOUT,

@@ -80,7 +80,14 @@ const FAIL2BAN_KEYS: &[&str] = &[
 ];
 const RULE_KEYS: &[&str] = &["code", "max_attempts", "ban_duration"];
 const MONITORING_KEYS: &[&str] = &["prometheus_enabled", "log_errors", "errors_log_path"];
-const RATE_LIMIT_KEYS: &[&str] = &["backend", "redis_url", "key_prefix", "replicas", "timeout"];
+const RATE_LIMIT_KEYS: &[&str] = &[
+    "backend",
+    "redis_url",
+    "cluster",
+    "key_prefix",
+    "replicas",
+    "timeout",
+];
 
 pub(super) fn parse(
     text: &str,
@@ -716,14 +723,17 @@ impl Parser<'_> {
             .unwrap_or(defaults.backend);
         // Never echo the URL in a problem: it may hold a password.
         let redis_url = self.string(m, "redis_url", f, true);
+        let cluster = self.boolean(m, "cluster", f, true).unwrap_or(false);
         if redis_url
             .as_deref()
-            .is_some_and(|url| !crate::limit::shared::is_redis_url(url))
+            .is_some_and(|url| !crate::limit::shared::is_redis_url(url, cluster))
         {
-            self.error(
-                "rate_limit.redis_url",
-                "not a Redis URL: expected redis://[user:password@]host[:port][/db], rediss://… or unix:///path",
-            );
+            let expected = if cluster {
+                "not a Redis Cluster node's URL: expected redis://[user:password@]host[:port] or rediss://…"
+            } else {
+                "not a Redis URL: expected redis://[user:password@]host[:port][/db], rediss://… or unix:///path"
+            };
+            self.error("rate_limit.redis_url", expected);
         }
         if backend == RateLimitBackend::Redis && redis_url.is_none() {
             self.error(
@@ -765,6 +775,7 @@ impl Parser<'_> {
         RateLimitConfig {
             backend,
             redis_url: redis_url.map(Secret::new),
+            cluster,
             key_prefix,
             replicas,
             timeout,
@@ -1322,6 +1333,25 @@ mod tests {
                 "rate_limit.timeout"
             ]
         );
+
+        assert!(!r.cluster);
+        assert!(
+            !shared.to_yaml().contains("cluster"),
+            "false is not rendered"
+        );
+
+        let cluster = format!(
+            "{MINIMAL}rate_limit: {{backend: redis, redis_url: 'redis://10.0.0.7:7000', cluster: true}}\n"
+        );
+        let c = parse(&cluster, &no_env).unwrap().config;
+        assert!(c.rate_limit.cluster);
+        assert_eq!(parse(&c.to_yaml(), &no_env).unwrap().config, c);
+        let not_tcp = format!(
+            "{MINIMAL}rate_limit: {{backend: redis, redis_url: 'unix:///run/redis.sock', cluster: true}}\n"
+        );
+        assert_eq!(fields(&not_tcp), vec!["rate_limit.redis_url"]);
+        let not_bool = format!("{MINIMAL}rate_limit: {{cluster: maybe}}\n");
+        assert_eq!(fields(&not_bool), vec!["rate_limit.cluster"]);
     }
 
     #[test]

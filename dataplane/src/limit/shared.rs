@@ -13,8 +13,9 @@
 //!
 //! Windows are exact like the local ones: a sorted set of events scored by time (TPM events
 //! carry their token count, with a running sum beside the set). Every key starts with the hash
-//! tag `{key_prefix}`, so all keys of one script hash to one slot behind a cluster-aware proxy
-//! (the client itself speaks to one endpoint and follows no Cluster redirections).
+//! tag `{key_prefix}`, so all keys of a pool hash to one slot: with `rate_limit.cluster` the
+//! client learns a Redis Cluster's nodes from `redis_url` and sends every script to the node
+//! that owns that slot (following `MOVED` when slots move).
 //!
 //! The in-process [`CredState`](super::CredState) keeps mirroring what this replica admits,
 //! charges and sees banned, for `/health`, `/admin/state` and metrics — and it is what
@@ -31,7 +32,12 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use redis::{aio::ConnectionManager, Script};
+use redis::{
+    aio::ConnectionManager,
+    cluster::{ClusterClient, ClusterConfig},
+    cluster_async::ClusterConnection,
+    Script,
+};
 use tracing::{info, warn};
 
 use super::{
@@ -51,10 +57,35 @@ const OUTCOME_SUCCESS: i64 = 0;
 const OUTCOME_COUNTED: i64 = 1;
 const OUTCOME_NOT_COUNTED: i64 = 2;
 
-/// Whether `url` is a Redis URL this client can use. Says nothing more: the URL may hold a
-/// password, so neither it nor the parser's message about it is echoed.
-pub fn is_redis_url(url: &str) -> bool {
-    redis::Client::open(url).is_ok()
+/// Whether `url` is a Redis URL this client can use (`cluster`: as a Redis Cluster node).
+/// Says nothing more: the URL may hold a password, so neither it nor the parser's message
+/// about it is echoed.
+pub fn is_redis_url(url: &str, cluster: bool) -> bool {
+    Endpoint::open(url, cluster).is_ok()
+}
+
+/// Where the scripts go: one server, or a Redis Cluster.
+#[allow(clippy::large_enum_variant, reason = "one per backend, built once")]
+enum Endpoint {
+    Server(redis::Client),
+    Cluster(ClusterClient),
+}
+
+impl Endpoint {
+    fn open(url: &str, cluster: bool) -> redis::RedisResult<Endpoint> {
+        if cluster {
+            ClusterClient::new([url]).map(Endpoint::Cluster)
+        } else {
+            redis::Client::open(url).map(Endpoint::Server)
+        }
+    }
+}
+
+/// A connection to an [`Endpoint`]; both kinds connect lazily and reconnect by themselves.
+#[derive(Clone)]
+enum Connection {
+    Server(ConnectionManager),
+    Cluster(ClusterConnection),
 }
 
 /// One candidate of a request, as [`ADMIT`] sees it.
@@ -90,8 +121,8 @@ impl Refusal {
 
 pub struct SharedLimits {
     settings: RateLimitConfig,
-    client: redis::Client,
-    conn: OnceLock<ConnectionManager>,
+    endpoint: Endpoint,
+    conn: OnceLock<Connection>,
     /// `{key_prefix}`: the hash tag every key starts with.
     tag: String,
     /// Until when Redis is skipped after a failure.
@@ -118,10 +149,10 @@ impl SharedLimits {
     /// starts (and enforces its local share until Redis answers).
     pub fn new(settings: &RateLimitConfig) -> Option<Arc<SharedLimits>> {
         let url = settings.redis_url.as_ref()?;
-        let client = redis::Client::open(url.expose()).ok()?;
+        let endpoint = Endpoint::open(url.expose(), settings.cluster).ok()?;
         Some(Arc::new(SharedLimits {
             settings: settings.clone(),
-            client,
+            endpoint,
             conn: OnceLock::new(),
             tag: format!("{{{}}}", settings.key_prefix),
             down_until: Mutex::new(None),
@@ -160,17 +191,30 @@ impl SharedLimits {
             .is_none_or(|until| Instant::now() >= until)
     }
 
-    fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
+    fn connection(&self) -> Result<Connection, redis::RedisError> {
         if let Some(c) = self.conn.get() {
             return Ok(c.clone());
         }
         let timeout = self.settings.timeout;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(RETRY_AFTER_FAILURE);
-        let c = ConnectionManager::new_lazy_with_config(self.client.clone(), config)?;
+        let c = match &self.endpoint {
+            Endpoint::Server(client) => {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(RETRY_AFTER_FAILURE);
+                Connection::Server(ConnectionManager::new_lazy_with_config(
+                    client.clone(),
+                    config,
+                )?)
+            }
+            Endpoint::Cluster(client) => {
+                let config = ClusterConfig::new()
+                    .set_connection_timeout(timeout)
+                    .set_response_timeout(timeout);
+                Connection::Cluster(client.get_pending_async_connection_with_config(config))
+            }
+        };
         Ok(self.conn.get_or_init(|| c).clone())
     }
 
@@ -181,7 +225,6 @@ impl SharedLimits {
         args: &[i64],
     ) -> Result<T, String> {
         let call = async {
-            let mut conn = self.connection()?;
             let mut invocation = script.prepare_invoke();
             for k in keys {
                 invocation.key(k);
@@ -189,7 +232,10 @@ impl SharedLimits {
             for a in args {
                 invocation.arg(*a);
             }
-            invocation.invoke_async::<T>(&mut conn).await
+            match self.connection()? {
+                Connection::Server(mut c) => invocation.invoke_async::<T>(&mut c).await,
+                Connection::Cluster(mut c) => invocation.invoke_async::<T>(&mut c).await,
+            }
         };
         let result = match tokio::time::timeout(self.settings.timeout, call).await {
             Ok(Ok(v)) => Ok(v),
@@ -615,10 +661,16 @@ mod tests {
 
     #[test]
     fn redis_urls() {
-        assert!(is_redis_url("redis://:hunter2@127.0.0.1:6379/0"));
-        assert!(is_redis_url("rediss://cache.example:6380"));
-        assert!(is_redis_url("unix:///run/redis.sock"));
-        assert!(!is_redis_url("http://:hunter2@host"));
-        assert!(!is_redis_url("cache:6379"));
+        assert!(is_redis_url("redis://:hunter2@127.0.0.1:6379/0", false));
+        assert!(is_redis_url("rediss://cache.example:6380", false));
+        assert!(is_redis_url("unix:///run/redis.sock", false));
+        assert!(!is_redis_url("http://:hunter2@host", false));
+        assert!(!is_redis_url("cache:6379", false));
+        assert!(is_redis_url("redis://:hunter2@10.0.0.7:7000", true));
+        assert!(is_redis_url("rediss://cluster.example:6380", true));
+        assert!(
+            !is_redis_url("unix:///run/redis.sock", true),
+            "a cluster node is on TCP"
+        );
     }
 }

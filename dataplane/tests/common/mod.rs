@@ -1638,3 +1638,69 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// A Redis Cluster of three primaries (`redis-server --cluster-enabled yes`), its slots
+/// assigned by `redis-cli --cluster create`; every node is killed on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start() -> RedisCluster {
+        Self::start_on([free_port(), free_port(), free_port()]).await
+    }
+
+    /// [`RedisCluster::start`] on these ports.
+    pub async fn start_on(ports: [u16; 3]) -> RedisCluster {
+        let mut nodes = Vec::new();
+        for port in ports {
+            let args = [
+                "--port",
+                &port.to_string(),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ];
+            let node = RedisServer::spawn(&args, port);
+            let ping = async || node.command(&["PING"]).await.as_deref() == Some("+PONG");
+            RedisServer::wait("answer PING", ping).await;
+            nodes.push(node);
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli is missing: Debian's redis-tools provides it (redis-server depends on it)");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        for node in &nodes {
+            let ok = async || {
+                node.command_value(&["CLUSTER", "INFO"])
+                    .await
+                    .is_some_and(|info| info.contains("cluster_state:ok"))
+            };
+            RedisServer::wait("join the cluster", ok).await;
+        }
+        RedisCluster { nodes }
+    }
+
+    /// How many keys each node holds, in node order.
+    pub async fn key_counts(&self) -> Vec<u64> {
+        let mut counts = Vec::new();
+        for node in &self.nodes {
+            let n = node.command(&["DBSIZE"]).await.unwrap_or_default();
+            counts.push(n.trim_start_matches(':').parse().unwrap_or(0));
+        }
+        counts
+    }
+}

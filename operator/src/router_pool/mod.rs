@@ -55,6 +55,8 @@ pub struct SharedLimits {
     pub redis_url: String,
     /// `<namespace>/<pool>`: pools sharing one Redis keep apart.
     pub key_prefix: String,
+    /// `spec.rateLimit.redis.cluster`.
+    pub cluster: bool,
 }
 
 /// One selected Credential with its Secrets read.

@@ -73,6 +73,7 @@ pub fn render_config(
                 backend: RateLimitBackend::Redis,
                 redis_url: Some(Secret::new(shared.redis_url.as_str())),
                 key_prefix: shared.key_prefix.clone(),
+                cluster: shared.cluster,
                 replicas,
                 ..RateLimitConfig::default()
             },

@@ -253,9 +253,8 @@ pub async fn resolve(
         .rate_limit
         .as_ref()
         .filter(|r| r.backend == RateLimitBackend::Redis)
-        .and_then(|r| r.redis.as_ref())
-        .map(|r| &r.url_secret_ref);
-    names.extend(redis_ref.map(|r| r.name.clone()));
+        .and_then(|r| r.redis.as_ref());
+    names.extend(redis_ref.map(|r| r.url_secret_ref.name.clone()));
     for cred in selected.iter().filter_map(|c| c.0.as_ref().ok()) {
         names.extend(secret_names(cred, &lookup_pool));
     }
@@ -271,11 +270,16 @@ pub async fn resolve(
     let shared_limits = match redis_ref {
         None => None,
         Some(r) => {
-            let redis_url =
-                pool_secret(&secrets, r, "spec.rateLimit.redis.urlSecretRef", &namespace)?;
+            let redis_url = pool_secret(
+                &secrets,
+                &r.url_secret_ref,
+                "spec.rateLimit.redis.urlSecretRef",
+                &namespace,
+            )?;
             Some(SharedLimits {
                 redis_url,
                 key_prefix: format!("{namespace}/{pool_name}"),
+                cluster: r.cluster,
             })
         }
     };
