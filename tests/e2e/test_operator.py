@@ -266,6 +266,55 @@ def test_replicas_share_their_limits_in_redis(env, tmp_path):
         redis.wait()
 
 
+def test_replicas_share_their_limits_in_a_redis_cluster(env, tmp_path):
+    """`spec.rateLimit.redis.cluster: true`: the Secret names one node of a real three-node
+    Redis Cluster; the pods learn the rest from it and together admit exactly the RPM."""
+    cp, mock, kubelet = env.cp, env.mock, env.kubelet
+    ports = [free_port() for _ in range(3)]
+    nodes = []
+    try:
+        for port in ports:
+            d = tmp_path / str(port)
+            d.mkdir()
+            nodes.append(subprocess.Popen(
+                ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--dir", str(d)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in ports:
+            wait_for(f"redis-server on {port} answers", lambda port=port: redis_ping(port))
+        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+        for port in ports:
+            wait_for(f"node {port} sees the cluster ok", lambda port=port: "cluster_state:ok" in subprocess.run(
+                ["redis-cli", "-p", str(port), "cluster", "info"], capture_output=True, text=True).stdout)
+
+        ns = cp.new_namespace("redis-cluster")
+        cp.kubectl("-n", ns, "create", "secret", "generic", "redis",
+                   f"--from-literal=url=redis://127.0.0.1:{ports[1]}")
+        cp.apply(simple_pool(ns, mock.url, replicas=2, credentials={"c1": {"rpm": 3}}))
+        cp.kubectl("patch", "routerpool", "p", "-n", ns, "--type=merge", "-p", json.dumps(
+            {"spec": {"rateLimit": {"backend": "redis",
+                                    "redis": {"urlSecretRef": {"name": "redis", "key": "url"}, "cluster": True}}}}))
+        pods = kubelet.run_deployment(ns, "p")
+        wait_ready(cp, "routerpool", "p", ns)
+        config = base64.b64decode(cp.get("secret", "p-config", ns)["data"]["config.yaml"]).decode()
+        assert "cluster: true" in config, config
+
+        key = f"sk-master-{ns}"
+        assert [chat(pod, key)[0] for pod in (pods[0], pods[1], pods[0])] == [200, 200, 200]
+        assert [chat(pod, key)[0] for pod in pods] == [503, 503], "3 RPM for the pool, held by the cluster"
+        keys = [int(subprocess.run(["redis-cli", "-p", str(p), "dbsize"], capture_output=True, text=True).stdout)
+                for p in ports]
+        assert sum(1 for n in keys if n) == 1, f"the pool's keys are in one slot: {keys}"
+        for pod in pods:
+            kubelet.stop_pod(pod)
+    finally:
+        for n in nodes:
+            n.kill()
+            n.wait()
+
+
 def test_a_trusted_ca_bundle_reaches_the_pods_and_its_rotation_rolls_them(env):
     """`spec.trustedCA`: a missing ConfigMap is a condition naming it; once it exists the pods
     mount it as SSL_CERT_FILE, and a new bundle changes the pod template (a rollout) while the
