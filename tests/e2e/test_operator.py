@@ -277,8 +277,10 @@ def test_replicas_share_their_limits_in_a_redis_cluster(env, tmp_path):
             d = tmp_path / str(port)
             d.mkdir()
             nodes.append(subprocess.Popen(
+                # The bus port is port + 10000 unless given: past 65535 for a high free port.
                 ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--dir", str(d)],
+                 "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                 "--cluster-config-file", "nodes.conf", "--dir", str(d)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for port in ports:
             wait_for(f"redis-server on {port} answers", lambda port=port: redis_ping(port))

@@ -1654,11 +1654,14 @@ impl RedisCluster {
     pub async fn start_on(ports: [u16; 3]) -> RedisCluster {
         let mut nodes = Vec::new();
         for port in ports {
+            // The bus port is port + 10000 unless given: past 65535 for a high free port.
             let args = [
                 "--port",
                 &port.to_string(),
                 "--cluster-enabled",
                 "yes",
+                "--cluster-port",
+                &free_port().to_string(),
                 "--cluster-config-file",
                 "nodes.conf",
             ];
