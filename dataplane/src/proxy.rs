@@ -33,7 +33,7 @@ use crate::{
     metrics, mock,
     request::{self, Probe, Rewritten},
     runtime::{Credential, Lookup, Route, Runtime, Slot, Tier},
-    select::{select, select_shared, Exhausted, Pick},
+    select::{select, select_shared, Exhausted, Pick, Query},
     stream::{usage, TokenUsage, UsageTap},
     upstream::{self, HOPS_HEADER},
 };
@@ -207,30 +207,18 @@ async fn proxy(
     let mut last: Option<Failure> = None;
     for attempt in 0..attempts {
         let now = Instant::now();
+        let query = Query {
+            rt,
+            route: &route,
+            model_id,
+            cursor: &cursor,
+            tried: tried.as_slice(),
+            remote: &app.remote,
+        };
         let picked = match &rt.shared {
-            None => select(
-                rt,
-                &route,
-                model_id,
-                &cursor,
-                tried.as_slice(),
-                &LocalLimits::WHOLE,
-                &app.remote,
-                now,
-            ),
+            None => select(query, &LocalLimits::WHOLE, now),
             // Boxed: the Redis call's state stays out of every request's future.
-            Some(shared) => {
-                Box::pin(select_shared(
-                    rt,
-                    &route,
-                    model_id,
-                    &cursor,
-                    tried.as_slice(),
-                    shared,
-                    &app.remote,
-                ))
-                .await
-            }
+            Some(shared) => Box::pin(select_shared(query, shared)).await,
         };
         let pick = match picked {
             Ok(pick) => pick,
@@ -409,7 +397,7 @@ fn charge(
     tokens: u64,
     now: Instant,
 ) {
-    LocalLimits::WHOLE.charge_tokens(slot, tokens, now);
+    slot.state.charge_tokens(slot.model, tokens, now);
     if let Some(shared) = shared {
         shared.charge_in_background(
             credential.clone(),
@@ -478,12 +466,9 @@ impl Forward<'_> {
                     .mirror_ban(self.model_id, Some(outcome.status), ban.clone());
                 ban
             }
-            None => LocalLimits::WHOLE.record_outcome(
-                self.slot_ref(cred, pick.slot),
-                outcome,
-                &self.rt.policy,
-                now,
-            ),
+            None => cred
+                .state
+                .record_outcome(self.model_id, outcome, &self.rt.policy, now),
         };
         if let Some(ban) = ban {
             self.app.metrics.ban(&cred.name, self.model_id, ban.code);

@@ -64,20 +64,34 @@ impl<'r> Candidate<'r> {
     }
 }
 
-/// Calls `visit` with each candidate for `model_id` in selection order (round-robin from the
-/// cursor, primaries before fallbacks), skipping credentials in `tried` and proxies whose
-/// remote refuses the model (counted in `exhausted`), until `visit` breaks.
-#[allow(clippy::too_many_arguments)]
+/// What one selection walks: the route of `model_id`, its cursor, the credentials this
+/// request has tried, and the remotes' last word on the model.
+#[derive(Clone, Copy)]
+pub struct Query<'r, 'q> {
+    pub rt: &'r Runtime,
+    pub route: &'r Route,
+    pub model_id: &'q str,
+    pub cursor: &'q Cursor,
+    pub tried: &'q [usize],
+    pub remote: &'q RemoteHealth,
+}
+
+/// Calls `visit` with each candidate of `q` in selection order (round-robin from the cursor,
+/// primaries before fallbacks), skipping credentials already tried and proxies whose remote
+/// refuses the model (counted in `exhausted`), until `visit` breaks.
 fn candidates<'r, T>(
-    rt: &'r Runtime,
-    route: &'r Route,
-    model_id: &str,
-    cursor: &Cursor,
-    tried: &[usize],
-    remote: &RemoteHealth,
+    q: Query<'r, '_>,
     exhausted: &mut Exhausted,
     mut visit: impl FnMut(Candidate<'r>, &mut Exhausted) -> ControlFlow<T>,
 ) -> Option<T> {
+    let Query {
+        rt,
+        route,
+        model_id,
+        cursor,
+        tried,
+        remote,
+    } = q;
     for tier in [Tier::Primary, Tier::Fallback] {
         let slots = &route.tiers[tier as usize];
         let n = slots.len();
@@ -130,48 +144,33 @@ impl Exhausted {
     }
 }
 
-/// Picks the next credential for `model_id` that is not in `tried`, admitting it.
-#[allow(clippy::too_many_arguments)]
+/// Picks the next credential of `q` not yet tried, admitting it.
 pub fn select<'r>(
-    rt: &'r Runtime,
-    route: &'r Route,
-    model_id: &str,
-    cursor: &Cursor,
-    tried: &[usize],
+    q: Query<'r, '_>,
     limits: &LocalLimits,
-    remote: &RemoteHealth,
     now: Instant,
 ) -> Result<Pick<'r>, Exhausted> {
+    let rt = q.rt;
     let mut exhausted = Exhausted::default();
-    let picked = candidates(
-        rt,
-        route,
-        model_id,
-        cursor,
-        tried,
-        remote,
-        &mut exhausted,
-        |c, exhausted| {
-            let cred = &rt.credentials[c.slot.cred];
-            let admission = limits.admit(
-                SlotRef {
-                    state: &cred.state,
-                    model: model_id,
-                    limits: rt.slot_limits(c.slot),
-                },
-                now,
-            );
-            match admission {
-                Admission::Admitted => ControlFlow::Break(c),
-                refused => {
-                    exhausted.refused(refused);
-                    ControlFlow::Continue(())
-                }
+    let picked = candidates(q, &mut exhausted, |c, exhausted| {
+        let admission = limits.admit(
+            SlotRef {
+                state: &rt.credentials[c.slot.cred].state,
+                model: q.model_id,
+                limits: rt.slot_limits(c.slot),
+            },
+            now,
+        );
+        match admission {
+            Admission::Admitted => ControlFlow::Break(c),
+            refused => {
+                exhausted.refused(refused);
+                ControlFlow::Continue(())
             }
-        },
-    );
+        }
+    });
     match picked {
-        Some(c) => Ok(c.pick(cursor, exhausted, true)),
+        Some(c) => Ok(c.pick(q.cursor, exhausted, true)),
         None => Err(exhausted),
     }
 }
@@ -180,30 +179,22 @@ pub fn select<'r>(
 /// the first with room. When Redis does not answer, the local share decides
 /// ([`SharedLimits::fallback`]).
 pub async fn select_shared<'r>(
-    rt: &'r Runtime,
-    route: &'r Route,
-    model_id: &str,
-    cursor: &Cursor,
-    tried: &[usize],
+    q: Query<'r, '_>,
     shared: &SharedLimits,
-    remote: &RemoteHealth,
 ) -> Result<Pick<'r>, Exhausted> {
+    let Query {
+        rt,
+        model_id,
+        cursor,
+        ..
+    } = q;
     if shared.available() {
         let mut exhausted = Exhausted::default();
         let mut listed: Vec<Candidate<'r>> = Vec::new();
-        candidates::<()>(
-            rt,
-            route,
-            model_id,
-            cursor,
-            tried,
-            remote,
-            &mut exhausted,
-            |c, _| {
-                listed.push(c);
-                ControlFlow::Continue(())
-            },
-        );
+        candidates::<()>(q, &mut exhausted, |c, _| {
+            listed.push(c);
+            ControlFlow::Continue(())
+        });
         if listed.is_empty() {
             return Err(exhausted);
         }
@@ -235,16 +226,7 @@ pub async fn select_shared<'r>(
             return Ok(c.pick(cursor, exhausted, verdicts.strikes));
         }
     }
-    select(
-        rt,
-        route,
-        model_id,
-        cursor,
-        tried,
-        &shared.fallback(),
-        remote,
-        Instant::now(),
-    )
+    select(q, &shared.fallback(), Instant::now())
 }
 
 #[cfg(test)]
@@ -276,13 +258,15 @@ mod tests {
         (0..n)
             .map(|_| {
                 match select(
-                    rt,
-                    route,
-                    model,
-                    &cursor,
-                    &[],
+                    Query {
+                        rt,
+                        route,
+                        model_id: model,
+                        cursor: &cursor,
+                        tried: &[],
+                        remote: &RemoteHealth::default(),
+                    },
                     &LocalLimits::WHOLE,
-                    &RemoteHealth::default(),
                     now,
                 ) {
                     Ok(p) => rt.credentials[p.slot.cred].name.to_string(),
@@ -322,13 +306,15 @@ mod tests {
             panic!()
         };
         let err = select(
-            &rt,
-            route,
-            "m",
-            &rt.cursor("m"),
-            &[],
+            Query {
+                rt: &rt,
+                route,
+                model_id: "m",
+                cursor: &rt.cursor("m"),
+                tried: &[],
+                remote: &RemoteHealth::default(),
+            },
             &LocalLimits::WHOLE,
-            &RemoteHealth::default(),
             Instant::now(),
         )
         .unwrap_err();
@@ -358,13 +344,15 @@ mod tests {
             panic!()
         };
         let pick = select(
-            &rt,
-            route,
-            "m",
-            &rt.cursor("m"),
-            &[1, 2],
+            Query {
+                rt: &rt,
+                route,
+                model_id: "m",
+                cursor: &rt.cursor("m"),
+                tried: &[1, 2],
+                remote: &RemoteHealth::default(),
+            },
             &LocalLimits::WHOLE,
-            &RemoteHealth::default(),
             now,
         )
         .unwrap();
@@ -389,13 +377,15 @@ mod tests {
             panic!()
         };
         let pick = select(
-            &rt,
-            route,
-            "m",
-            &rt.cursor("m"),
-            &[0, 1, 2],
+            Query {
+                rt: &rt,
+                route,
+                model_id: "m",
+                cursor: &rt.cursor("m"),
+                tried: &[0, 1, 2],
+                remote: &remote,
+            },
             &LocalLimits::WHOLE,
-            &remote,
             Instant::now(),
         )
         .unwrap();

@@ -723,7 +723,9 @@ impl Parser<'_> {
             .unwrap_or(defaults.backend);
         // Never echo the URL in a problem: it may hold a password.
         let redis_url = self.string(m, "redis_url", f, true);
-        let cluster = self.boolean(m, "cluster", f, true).unwrap_or(false);
+        let cluster = self
+            .boolean(m, "cluster", f, true)
+            .unwrap_or(defaults.cluster);
         if redis_url
             .as_deref()
             .is_some_and(|url| !crate::limit::shared::is_redis_url(url, cluster))
@@ -738,7 +740,7 @@ impl Parser<'_> {
         if backend == RateLimitBackend::Redis && redis_url.is_none() {
             self.error(
                 "rate_limit.redis_url",
-                "required when rate_limit.backend is redis",
+                "required when rate_limit.backend is redis: set it to the server's URL (redis://host:6379) or os.environ/NAME of a variable holding it",
             );
         }
         let key_prefix = self

@@ -1,10 +1,12 @@
 //! Rate limits and bans: the state that decides whether a (credential, model) pair may take
 //! one more request.
 //!
-//! Selection never touches this state directly; it asks a backend to admit a slot.
-//! [`LocalLimits`] keeps the state in process ([`CredState`], one lock per credential, held for
-//! a few hundred nanoseconds and never across an `.await`); the Redis backend
-//! ([`shared::SharedLimits`]) shares them between replicas and falls back on the local state.
+//! The state is in process: [`CredState`], one lock per credential, held for a few hundred
+//! nanoseconds and never across an `.await`. [`LocalLimits`] admits against it, with whole
+//! limits or a replica's share of them; the Redis backend ([`shared::SharedLimits`]) admits
+//! against windows shared by every replica, mirrors what it decided into the local state (for
+//! `/health`, the admin state and metrics) and falls back on a replica's share when Redis does
+//! not answer.
 
 pub mod fail2ban;
 pub mod shared;
@@ -85,9 +87,7 @@ impl LocalLimits {
             parts: replicas.max(1),
         }
     }
-}
 
-impl LocalLimits {
     /// Atomically checks the ban and every window of the slot and, if all pass, records one
     /// request on both the credential and the pair.
     pub fn admit(&self, slot: SlotRef<'_>, now: Instant) -> Admission {
@@ -97,22 +97,6 @@ impl LocalLimits {
             slot.limits
         };
         slot.state.admit(slot.model, &limits, now)
-    }
-
-    /// Charges tokens reported by the provider's `usage`.
-    pub fn charge_tokens(&self, slot: SlotRef<'_>, tokens: u64, now: Instant) {
-        slot.state.charge_tokens(slot.model, tokens, now)
-    }
-
-    /// Feeds one attempt's outcome to fail2ban; returns the ban it caused.
-    pub fn record_outcome(
-        &self,
-        slot: SlotRef<'_>,
-        outcome: Outcome,
-        policy: &Policy,
-        now: Instant,
-    ) -> Option<Ban> {
-        slot.state.record_outcome(slot.model, outcome, policy, now)
     }
 }
 

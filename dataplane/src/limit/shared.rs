@@ -320,16 +320,13 @@ impl SharedLimits {
     }
 
     /// Adds `tokens` to the credential's TPM window, and to the pair's when it has a limit.
-    pub async fn charge_tokens(
+    async fn charge_tokens(
         &self,
         credential: &str,
         model: &str,
         limits: SlotLimits,
         tokens: u64,
     ) -> Result<(), String> {
-        if tokens == 0 {
-            return Ok(());
-        }
         let keys = [
             format!("{}:seq", self.tag),
             self.cred_key(credential, "tpm"),
