@@ -1,4 +1,4 @@
-//! Byte-level helpers for request bodies, response bodies and stream events: substring search (`memchr`), and a strict
+//! Byte-level helpers for request bodies, response bodies and stream events: a strict
 //! scanner that finds the values of a few top-level keys of a JSON object without building
 //! anything.
 //!
@@ -10,16 +10,6 @@
 //! the common, well-formed case takes the fast path.
 
 use wide::u8x16;
-
-/// The first index of `needle` in `hay` (`memchr`'s SIMD substring search).
-pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    memchr::memmem::find(hay, needle)
-}
-
-/// Whether `hay` contains `needle`.
-pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    find(hay, needle).is_some()
-}
 
 /// The byte at `i`, or 0 past the end (0 is never valid where a structural byte is read).
 #[inline(always)]

@@ -7,7 +7,9 @@
 
 use std::{
     borrow::Cow,
+    pin::Pin,
     sync::Arc,
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -16,6 +18,7 @@ use http::{
     header, request::Parts, uri::PathAndQuery, HeaderMap, HeaderValue, Method, Request, Response,
     StatusCode,
 };
+use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tracing::{debug, info, warn};
@@ -587,19 +590,15 @@ impl Forward<'_> {
                 head_at,
             )
             .await;
-            let resp = Response::from_parts(parts, body.boxed());
-            return Attempt::Answer(self.tap_stream(cred, slot, resp, attempt_no), None);
+            return Attempt::Answer(self.tap_stream(cred, slot, parts, body, attempt_no), None);
         }
 
         let limit = (self.rt.config.server.max_body_size_mb
             * self.rt.config.server.response_body_multiplier
             * MIB) as usize;
-        let collect = async {
-            match body {
-                UpstreamBody::Hyper(body) => collect_limited(body, limit).await,
-                UpstreamBody::Boxed(body) => collect_limited(body, limit).await,
-            }
-        };
+        // A body already read with the head is taken on the first poll, before the timer is
+        // ever registered.
+        let collect = collect_limited(body, limit);
         let collected = match timeout {
             Some(t) => tokio::time::timeout(t, collect)
                 .await
@@ -666,15 +665,15 @@ impl Forward<'_> {
         &self,
         cred: &Credential,
         slot: &Slot,
-        resp: Response<RespBody>,
+        mut parts: http::response::Parts,
+        body: UpstreamBody,
         attempt_no: u32,
     ) -> Response<RespBody> {
-        let sse = resp
-            .headers()
+        let sse = parts
+            .headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.contains("text/event-stream"));
-        let (mut parts, body) = resp.into_parts();
         parts.headers.remove(header::CONTENT_LENGTH);
         let app = self.app.clone();
         let state = cred.state.clone();
@@ -722,11 +721,33 @@ enum UpstreamBody {
     Boxed(RespBody),
 }
 
-impl UpstreamBody {
-    fn boxed(self) -> RespBody {
+/// One branch per frame instead of another boxed layer (and an error-mapping one) around
+/// the network body.
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Boxed(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
         match self {
-            UpstreamBody::Hyper(body) => body.map_err(Into::into).boxed_unsync(),
-            UpstreamBody::Boxed(body) => body,
+            UpstreamBody::Hyper(body) => body.is_end_stream(),
+            UpstreamBody::Boxed(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Hyper(body) => body.size_hint(),
+            UpstreamBody::Boxed(body) => body.size_hint(),
         }
     }
 }

@@ -11,14 +11,16 @@
 
 use std::{
     pin::Pin,
+    sync::LazyLock,
     task::{ready, Context, Poll},
 };
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
+use memchr::memmem;
 use serde::Deserialize;
 
-use crate::body::{BoxError, RespBody};
+use crate::body::BoxError;
 
 #[derive(Deserialize)]
 struct UsageChunk {
@@ -188,6 +190,14 @@ struct EventInfo {
 
 const USAGE_KEY: &[u8] = b"\"usage\"";
 
+/// A searcher for [`USAGE_KEY`], built once: `memmem::find` builds one per call, which on a
+/// chunk of a few hundred bytes costs more than the search.
+fn usage_key_in(hay: &[u8]) -> Option<usize> {
+    static FINDER: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(USAGE_KEY));
+    FINDER.find(hay)
+}
+
 /// Where the [`USAGE_KEY`] that has its `g` at `g` starts, if `buf` has one there. The
 /// frame scanners stop at every `g` (one `memchr` pass with the other bytes they look for)
 /// instead of searching for the key separately.
@@ -223,7 +233,7 @@ fn usage_always_null(event: &[u8], first: usize) -> bool {
             return false;
         }
         let rest = &event[i + 4..];
-        match crate::json::find(rest, USAGE_KEY) {
+        match usage_key_in(rest) {
             Some(next) => at = i + 4 + next,
             None => return true,
         }
@@ -241,7 +251,7 @@ fn inspect_event(event: &[u8]) -> EventInfo {
             continue;
         };
         let data = data.strip_prefix(b" ").unwrap_or(data);
-        if !crate::json::contains(data, USAGE_KEY) {
+        if usage_key_in(data).is_none() {
             continue;
         }
         let Some(chunk) = parse_chunk(data) else {
@@ -314,9 +324,11 @@ fn next_event(buf: &[u8]) -> Option<(usize, bool)> {
 pub type OnDone = Box<dyn FnOnce(TokenUsage) + Send>;
 
 pin_project_lite::pin_project! {
-    pub struct UsageTap {
+    /// Generic over the upstream body, so the upstream's body is polled directly rather than
+    /// through another boxed layer on every chunk.
+    pub struct UsageTap<B> {
         #[pin]
-        inner: RespBody,
+        inner: B,
         strip: bool,
         // False for streams that are not SSE: bytes pass untouched and unscanned.
         scan: bool,
@@ -326,7 +338,7 @@ pin_project_lite::pin_project! {
         on_done: Option<OnDone>,
     }
 
-    impl PinnedDrop for UsageTap {
+    impl<B> PinnedDrop for UsageTap<B> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(done) = this.on_done.take() {
@@ -336,10 +348,10 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl UsageTap {
+impl<B> UsageTap<B> {
     /// `strip`: remove the usage-only event (the router injected `include_usage`); `scan`:
     /// the body is SSE (otherwise it is passed on untouched).
-    pub fn new(inner: RespBody, strip: bool, scan: bool, on_done: OnDone) -> Self {
+    pub fn new(inner: B, strip: bool, scan: bool, on_done: OnDone) -> Self {
         Self {
             inner,
             strip: strip && scan,
@@ -366,25 +378,13 @@ fn ends_events(data: &[u8]) -> bool {
 
 /// Whether some event of `data` could report usage: it has a `"usage"` not followed by
 /// `: null`, or a `\u` escape anywhere (the cheap, conservative answer: a key could spell
-/// `usage` with one). One pass for `g` and `\\`.
+/// `usage` with one). Two searches that usually find nothing (a backslash is rare in a
+/// chunk; the key is found once, near its end) cost less than one pass stopping at every `g`.
 fn may_report_usage(data: &[u8]) -> bool {
-    let mut first_usage = None;
-    let mut check = |k: usize| -> bool {
-        match data[k] {
-            b'g' => {
-                if first_usage.is_none() {
-                    first_usage = usage_key_through(data, k);
-                }
-                false
-            }
-            b'\\' => data.get(k + 1) == Some(&b'u'),
-            _ => false,
-        }
-    };
-    if memchr::memchr2_iter(b'g', b'\\', data).any(&mut check) {
+    if memchr::memchr_iter(b'\\', data).any(|k| data.get(k + 1) == Some(&b'u')) {
         return true;
     }
-    first_usage.is_some_and(|first| !usage_always_null(data, first))
+    usage_key_in(data).is_some_and(|first| !usage_always_null(data, first))
 }
 
 /// Accounts every event that `data` completes (after the incomplete one `pending` holds)
@@ -472,7 +472,11 @@ fn scan_frame(
     }
 }
 
-impl Body for UsageTap {
+impl<B> Body for UsageTap<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -495,7 +499,7 @@ impl Body for UsageTap {
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
                 }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
                 None => {
                     if let Some(done) = this.on_done.take() {
                         done(*this.tokens);

@@ -173,7 +173,9 @@ impl Pool {
         loop {
             let (mut send, reused) = match conns.checkout().await {
                 Some(send) => (send, true),
-                None => (self.connect(&conns.origin).await?, false),
+                // Boxed: connecting is rare, and its state would otherwise enlarge every
+                // request's future (moved several times on the way down).
+                None => (Box::pin(self.connect(&conns.origin)).await?, false),
             };
             match send.try_send_request(req).await {
                 Ok(resp) => {
