@@ -19,6 +19,14 @@ fn redis_section(url: &str, replicas: u32) -> String {
     )
 }
 
+/// The `rate_limit` section of a replica of 2 on the Redis Cluster node at `url` (`cluster:
+/// false`: as if it were a single server).
+fn cluster_section(url: &str, prefix: &str, cluster: bool) -> String {
+    format!(
+        "rate_limit:\n  backend: redis\n  redis_url: \"{url}\"\n  cluster: {cluster}\n  key_prefix: {prefix}\n  replicas: 2\n  timeout: 5s\n"
+    )
+}
+
 /// Expects a 503 whose `Retry-After` is within `1..=max_secs` and whose error code is `code`.
 async fn expect_exhausted(router: &Router, max_secs: u64, code: &str, why: &str) {
     let resp = router.chat("gpt-4o").await;
@@ -318,18 +326,13 @@ async fn replicas_share_their_windows_in_a_redis_cluster() {
     let mock = MockUpstream::start().await;
     let creds = creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), &["rpm: 4"])]);
     let prefix = format!("test-{}", free_port());
-    let section = |node: &RedisServer, cluster: bool| {
-        format!(
-            "rate_limit:\n  backend: redis\n  redis_url: \"{}\"\n  cluster: {cluster}\n  key_prefix: {prefix}\n  replicas: 2\n  timeout: 5s\n",
-            node.url()
-        )
-    };
+    let section = |url: String, cluster: bool| cluster_section(&url, &prefix, cluster);
     // Each replica knows a different node; the client finds the slot's owner from either.
     let a =
-        Router::start(&(server_yaml(0, &[]) + &creds + MODELS + &section(&cluster.nodes[0], true)))
+        Router::start(&(server_yaml(0, &[]) + &creds + MODELS + &section(cluster.url(0), true)))
             .await;
     let b =
-        Router::start(&(server_yaml(0, &[]) + &creds + MODELS + &section(&cluster.nodes[1], true)))
+        Router::start(&(server_yaml(0, &[]) + &creds + MODELS + &section(cluster.url(1), true)))
             .await;
     for router in [&a, &b, &a, &b] {
         assert_eq!(router.chat_status("gpt-4o").await, 200);
@@ -349,7 +352,7 @@ async fn replicas_share_their_windows_in_a_redis_cluster() {
     // Without `cluster`, a node that does not own the slot answers MOVED: the replica says so
     // and enforces its local share (2 of 4) instead of the shared window.
     let owner = counts.iter().position(|&n| n > 0).unwrap();
-    let other = &cluster.nodes[(owner + 1) % 3];
+    let other = cluster.url((owner + 1) % 3);
     let c = Router::start(&(server_yaml(0, &[]) + &creds + MODELS + &section(other, false))).await;
     for _ in 0..2 {
         assert_eq!(c.chat_status("gpt-4o").await, 200, "its local share");
@@ -357,6 +360,90 @@ async fn replicas_share_their_windows_in_a_redis_cluster() {
     expect_exhausted(&c, 60, "all_credentials_rate_limited", "2 of 4 locally").await;
     let logs = c.logs();
     assert!(logs.to_lowercase().contains("moved"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_moved_to_another_node_keeps_its_window() {
+    let cluster = RedisCluster::start().await;
+    let mock = MockUpstream::start().await;
+    let prefix = format!("test-{}", free_port());
+    let yaml = server_yaml(0, &[])
+        + &creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), &["rpm: 6"])])
+        + MODELS
+        + &cluster_section(&cluster.url(0), &prefix, true);
+    let (a, b) = replicas(&yaml).await;
+    // All on `a`: its local share (3 of 6) is used up, so only the shared window lets it
+    // admit again below.
+    for _ in 0..3 {
+        assert_eq!(a.chat_status("gpt-4o").await, 200);
+    }
+
+    // Every key of the pool carries the hash tag `{prefix}`: one slot, moved with its keys
+    // (a reshard, or an operator rebalancing the cluster) while both replicas hold
+    // connections to the old owner.
+    let slot = cluster.slot_of(&prefix);
+    let from = cluster.owner_of(slot);
+    let to = (from + 1) % 3;
+    let before = cluster.key_counts().await;
+    assert!(before[from] > 0 && before[to] == 0, "{before:?}");
+    cluster.move_slot(slot, from, to);
+    let after = cluster.key_counts().await;
+    assert!(
+        after[from] == 0 && after[to] == before[from],
+        "{before:?} -> {after:?}"
+    );
+
+    // The old owner answers MOVED; the replicas follow it to the new one, where the window
+    // already holds the 3 requests: 3 more fit, not 6 — and `a` takes part, which its local
+    // share would not let it.
+    for router in [&a, &b, &a] {
+        assert_eq!(router.chat_status("gpt-4o").await, 200, "{}", router.logs());
+    }
+    for router in [&a, &b] {
+        let why = "6 requests in the window the moved slot carried";
+        expect_exhausted(router, 60, "all_credentials_rate_limited", why).await;
+    }
+    assert_eq!(mock.count(), 6);
+    let counts = cluster.key_counts().await;
+    assert!(counts[from] == 0 && counts[to] > 0, "{counts:?}");
+}
+
+/// Managed cluster-mode Redis usually requires TLS in transit: `rediss://` to one node, and
+/// every node the client learns of is reached over TLS too, verified like the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_is_reached_over_tls_on_every_node() {
+    let pki = pki();
+    let cluster = RedisCluster::start_tls(&pki).await;
+    let mock = MockUpstream::start().await;
+    let prefix = format!("test-{}", free_port());
+    let creds = creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), &["rpm: 4"])]);
+    let yaml = |node: usize| {
+        admin_server_yaml(0, &[])
+            + &creds
+            + MODELS
+            + &cluster_section(&cluster.url(node), &prefix, true)
+    };
+    let trusting = || StartOpts::default().env("SSL_CERT_FILE", &pki.ca_file);
+    // Seeded with different nodes: at least one replica reaches the slot's owner through a
+    // node it learned of, not the one in its URL.
+    let a = Router::start_with(&yaml(0), trusting()).await;
+    let b = Router::start_with(&yaml(1), trusting()).await;
+    for router in [&a, &b, &a, &b] {
+        assert_eq!(router.chat_status("gpt-4o").await, 200);
+    }
+    for router in [&a, &b] {
+        let why = "4 requests in the window the TLS cluster holds";
+        expect_exhausted(router, 60, "all_credentials_rate_limited", why).await;
+        let state = router.admin_state().await;
+        assert_eq!(state["rate_limit"]["shared"], json!(true), "{state}");
+        assert_eq!(state["rate_limit"]["errors"], json!(0), "{state}");
+    }
+    assert_eq!(mock.count(), 4);
+    let counts = cluster.key_counts().await;
+    assert_eq!(counts.iter().filter(|&&n| n > 0).count(), 1, "{counts:?}");
+
+    // Without the CA no node is trusted: the router says why and uses its local share.
+    expect_untrusted(&yaml(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,7 +513,10 @@ async fn without_redis_each_replica_enforces_its_share_until_redis_answers() {
         0.0
     );
     let logs = router.logs();
-    assert!(logs.contains("rate-limit backend failed"), "{logs}");
+    assert!(
+        logs.contains("rate-limit backend failed") && logs.contains("certificate"),
+        "{logs}"
+    );
     assert!(!logs.contains(&url), "the Redis URL is never logged");
 
     // Redis comes up: after the retry pause the shared window (empty) decides again.
@@ -469,7 +559,14 @@ async fn rediss_urls_speak_tls_verified_against_ssl_cert_file() {
     assert_eq!(state["rate_limit"]["errors"], json!(0), "{state}");
 
     // Without the CA the handshake fails: the router says why and uses its local share.
-    let untrusting = Router::start(&yaml).await;
+    expect_untrusted(&yaml).await;
+}
+
+/// A router started on `yaml` without `SSL_CERT_FILE` cannot verify its `rediss://`
+/// backend: it still answers (its local share), reports the backend as not shared, and its
+/// log names the certificate as the reason.
+async fn expect_untrusted(yaml: &str) {
+    let untrusting = Router::start(yaml).await;
     assert_eq!(untrusting.chat_status("gpt-4o").await, 200);
     let state = untrusting.admin_state().await;
     assert_eq!(state["rate_limit"]["shared"], json!(false), "{state}");

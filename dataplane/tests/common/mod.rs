@@ -1459,16 +1459,20 @@ pub struct Pki {
 }
 
 pub fn pki() -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "airouter test CA");
     let ca = ca.self_signed(&ca_key).unwrap();
     let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
+    let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    // A subject of its own: OpenSSL (redis-cli, redis-server's cluster bus) takes a leaf
+    // whose subject equals its issuer's for self-signed and refuses it.
+    leaf.distinguished_name
+        .push(DnType::CommonName, "127.0.0.1");
+    let cert = leaf.signed_by(&key, &ca, &ca_key).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = |name: &str, pem: String| {
         let path = dir.path().join(name);
@@ -1640,9 +1644,12 @@ impl Drop for RedisServer {
 }
 
 /// A Redis Cluster of three primaries (`redis-server --cluster-enabled yes`), its slots
-/// assigned by `redis-cli --cluster create`; every node is killed on drop.
+/// assigned by `redis-cli --cluster create`; every node is killed on drop. Driven through
+/// `redis-cli`, which reads every reply type and speaks TLS.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
+    /// `--tls --cacert <file>` for `redis-cli` when the nodes speak only TLS.
+    tls: Vec<String>,
 }
 
 impl RedisCluster {
@@ -1652,29 +1659,60 @@ impl RedisCluster {
 
     /// [`RedisCluster::start`] on these ports.
     pub async fn start_on(ports: [u16; 3]) -> RedisCluster {
-        let mut nodes = Vec::new();
+        Self::create(ports, None).await
+    }
+
+    /// Nodes that speak only TLS, to clients and to each other (`tls-cluster`), with the
+    /// certificate of `pki` (127.0.0.1); their client URLs are `rediss://`.
+    pub async fn start_tls(pki: &Pki) -> RedisCluster {
+        Self::create([free_port(), free_port(), free_port()], Some(pki)).await
+    }
+
+    async fn create(ports: [u16; 3], pki: Option<&Pki>) -> RedisCluster {
+        let mut cluster = RedisCluster {
+            nodes: Vec::new(),
+            tls: pki.map_or_else(Vec::new, |pki| {
+                vec!["--tls".into(), "--cacert".into(), pki.ca_file.clone()]
+            }),
+        };
         for port in ports {
+            let port_s = port.to_string();
             // The bus port is port + 10000 unless given: past 65535 for a high free port.
-            let args = [
-                "--port",
-                &port.to_string(),
+            let bus = free_port().to_string();
+            let mut args = vec![
                 "--cluster-enabled",
                 "yes",
                 "--cluster-port",
-                &free_port().to_string(),
+                &bus,
                 "--cluster-config-file",
                 "nodes.conf",
             ];
-            let node = RedisServer::spawn(&args, port);
-            let ping = async || node.command(&["PING"]).await.as_deref() == Some("+PONG");
+            let (cert, key);
+            match pki {
+                None => args.extend(["--port", &port_s]),
+                Some(pki) => {
+                    (cert, key) = (
+                        pki.cert_file.to_str().unwrap(),
+                        pki.key_file.to_str().unwrap(),
+                    );
+                    args.extend(["--port", "0", "--tls-port", &port_s, "--tls-cluster", "yes"]);
+                    args.extend(["--tls-cert-file", cert, "--tls-key-file", key]);
+                    args.extend([
+                        "--tls-ca-cert-file",
+                        &pki.ca_file,
+                        "--tls-auth-clients",
+                        "no",
+                    ]);
+                }
+            }
+            cluster.nodes.push(RedisServer::spawn(&args, port));
+            let n = cluster.nodes.len() - 1;
+            let ping = async || cluster.try_cli(n, &["PING"]).as_deref() == Some("PONG");
             RedisServer::wait("answer PING", ping).await;
-            nodes.push(node);
         }
-        let addrs: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let created = Command::new("redis-cli")
+            .args(&cluster.tls)
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
@@ -1686,24 +1724,114 @@ impl RedisCluster {
             "redis-cli --cluster create failed: {}",
             String::from_utf8_lossy(&created.stdout)
         );
-        for node in &nodes {
+        for n in 0..cluster.nodes.len() {
             let ok = async || {
-                node.command_value(&["CLUSTER", "INFO"])
-                    .await
+                cluster
+                    .try_cli(n, &["CLUSTER", "INFO"])
                     .is_some_and(|info| info.contains("cluster_state:ok"))
             };
             RedisServer::wait("join the cluster", ok).await;
         }
-        RedisCluster { nodes }
+        cluster
+    }
+
+    /// The `redis://` (or `rediss://`) URL of node `n`.
+    pub fn url(&self, n: usize) -> String {
+        let scheme = if self.tls.is_empty() {
+            "redis"
+        } else {
+            "rediss"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.nodes[n].port)
+    }
+
+    /// `redis-cli -p <node's port> <args…>`: its output, one reply element a line; `None`
+    /// when it fails (the node is not up yet).
+    fn try_cli(&self, node: usize, args: &[&str]) -> Option<String> {
+        let out = Command::new("redis-cli")
+            .args(&self.tls)
+            .args(["-p", &self.nodes[node].port.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli is missing: Debian's redis-tools provides it");
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        // redis-cli exits 0 on an error reply, and 1 when it cannot connect.
+        (out.status.success() && !text.starts_with("ERR") && !text.starts_with("Could not"))
+            .then_some(text)
+    }
+
+    /// [`RedisCluster::try_cli`] that must succeed.
+    fn cli(&self, node: usize, args: &[&str]) -> String {
+        self.try_cli(node, args)
+            .unwrap_or_else(|| panic!("redis-cli {args:?} on node {node} failed"))
+    }
+
+    /// The index of the node that serves `slot`.
+    pub fn owner_of(&self, slot: u16) -> usize {
+        // `CLUSTER SHARDS` needs Redis 7; `CLUSTER NODES` lines end with the slot ranges.
+        let nodes = self.cli(0, &["CLUSTER", "NODES"]);
+        let owner_id = nodes
+            .lines()
+            .find(|line| {
+                line.split(' ').skip(8).any(|range| {
+                    let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                    matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+                })
+            })
+            .and_then(|line| line.split(' ').next())
+            .expect("a node serves every slot")
+            .to_string();
+        (0..self.nodes.len())
+            .find(|&i| self.cli(i, &["CLUSTER", "MYID"]) == owner_id)
+            .expect("the owner is one of the nodes")
+    }
+
+    /// Moves `slot` and its keys from node `from` to node `to` the way `redis-cli --cluster
+    /// reshard` does: mark it importing and migrating, `MIGRATE` the keys, then tell every
+    /// node its new owner. Clients that cached the old owner get `MOVED` from it afterwards.
+    pub fn move_slot(&self, slot: u16, from: usize, to: usize) {
+        let slot = slot.to_string();
+        let from_id = self.cli(from, &["CLUSTER", "MYID"]);
+        let to_id = self.cli(to, &["CLUSTER", "MYID"]);
+        assert_eq!(
+            self.cli(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]),
+            "OK"
+        );
+        assert_eq!(
+            self.cli(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]),
+            "OK"
+        );
+        let keys = self.cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "1000"]);
+        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+        if !keys.is_empty() {
+            let port = self.nodes[to].port.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(&keys);
+            assert_eq!(self.cli(from, &args), "OK");
+        }
+        for node in std::iter::once(to)
+            .chain(std::iter::once(from))
+            .chain((0..self.nodes.len()).filter(|&n| n != to && n != from))
+        {
+            assert_eq!(
+                self.cli(node, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]),
+                "OK"
+            );
+        }
     }
 
     /// How many keys each node holds, in node order.
     pub async fn key_counts(&self) -> Vec<u64> {
-        let mut counts = Vec::new();
-        for node in &self.nodes {
-            let n = node.command(&["DBSIZE"]).await.unwrap_or_default();
-            counts.push(n.trim_start_matches(':').parse().unwrap_or(0));
-        }
-        counts
+        (0..self.nodes.len())
+            .map(|n| self.cli(n, &["DBSIZE"]).parse().unwrap_or(0))
+            .collect()
+    }
+
+    /// The slot every key with the hash tag `{tag}` lands in.
+    pub fn slot_of(&self, tag: &str) -> u16 {
+        self.cli(0, &["CLUSTER", "KEYSLOT", tag])
+            .parse()
+            .expect("CLUSTER KEYSLOT answers a number")
     }
 }
