@@ -198,9 +198,9 @@ fn usage_key_in(hay: &[u8]) -> Option<usize> {
     FINDER.find(hay)
 }
 
-/// Where the [`USAGE_KEY`] that has its `g` at `g` starts, if `buf` has one there. The
-/// frame scanners stop at every `g` (one `memchr` pass with the other bytes they look for)
-/// instead of searching for the key separately.
+/// Where the [`USAGE_KEY`] that has its `g` at `g` starts, if `buf` has one there.
+/// [`next_event`] stops at every `g` (in its one `memchr` pass for the line ends and
+/// escapes it needs anyway) instead of searching for the key separately.
 #[inline(always)]
 fn usage_key_through(buf: &[u8], g: usize) -> Option<usize> {
     let start = g.checked_sub(4)?;
@@ -378,8 +378,8 @@ fn ends_events(data: &[u8]) -> bool {
 
 /// Whether some event of `data` could report usage: it has a `"usage"` not followed by
 /// `: null`, or a `\u` escape anywhere (the cheap, conservative answer: a key could spell
-/// `usage` with one). Two searches that usually find nothing (a backslash is rare in a
-/// chunk; the key is found once, near its end) cost less than one pass stopping at every `g`.
+/// `usage` with one). Two searches — for a backslash (rare in a chunk) and for the key (once,
+/// near the end of an OpenAI chunk) — cost less than one pass that stops at every `g`.
 fn may_report_usage(data: &[u8]) -> bool {
     if memchr::memchr_iter(b'\\', data).any(|k| data.get(k + 1) == Some(&b'u')) {
         return true;

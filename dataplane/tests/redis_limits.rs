@@ -379,8 +379,8 @@ async fn a_slot_moved_to_another_node_keeps_its_window() {
     }
 
     // Every key of the pool carries the hash tag `{prefix}`: one slot, moved with its keys
-    // (a reshard, or an operator rebalancing the cluster) while both replicas hold
-    // connections to the old owner.
+    // (a reshard, or an operator rebalancing the cluster) while `a`'s client still maps the
+    // slot to the old owner.
     let slot = cluster.slot_of(&prefix);
     let from = cluster.owner_of(slot);
     let to = (from + 1) % 3;
