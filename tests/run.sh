@@ -31,7 +31,7 @@ need() {
 
 section "Debian packages the tests use"
 # A real redis-server backs the shared rate-limit tests (dataplane/tests/redis_limits.rs, e2e);
-# redis-cli assigns the slots of the Redis Cluster one of them builds.
+# redis-cli builds the Redis Clusters some of them run on and drives them (TLS, slot moves).
 need redis-server redis-server
 need redis-cli redis-tools
 

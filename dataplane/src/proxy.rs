@@ -7,9 +7,7 @@
 
 use std::{
     borrow::Cow,
-    pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -18,8 +16,7 @@ use http::{
     header, request::Parts, uri::PathAndQuery, HeaderMap, HeaderValue, Method, Request, Response,
     StatusCode,
 };
-use http_body::{Frame, SizeHint};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Either};
 use hyper::body::Incoming;
 use tracing::{debug, info, warn};
 
@@ -527,7 +524,7 @@ impl Forward<'_> {
                     include_usage: self.stream && self.usage_requested,
                 };
                 let (parts, body) = mock::respond(cfg, req).await.into_parts();
-                (parts, UpstreamBody::Boxed(body))
+                (parts, Either::Right(body))
             }
             _ => {
                 let req = match upstream::build(
@@ -568,7 +565,7 @@ impl Forward<'_> {
                     Ok(Ok(resp)) => {
                         let (mut parts, body) = resp.into_parts();
                         upstream::strip_hop_by_hop(&mut parts.headers);
-                        (parts, UpstreamBody::Hyper(body))
+                        (parts, Either::Left(body))
                     }
                 }
             }
@@ -715,42 +712,10 @@ impl Forward<'_> {
 
 const MIB: u64 = 1024 * 1024;
 
-/// An upstream answer's body: from the network, or the mock provider's.
-enum UpstreamBody {
-    Hyper(upstream::ResponseBody),
-    Boxed(RespBody),
-}
-
-/// One branch per frame instead of another boxed layer (and an error-mapping one) around
-/// the network body.
-impl http_body::Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            UpstreamBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            UpstreamBody::Boxed(body) => Pin::new(body).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Hyper(body) => body.is_end_stream(),
-            UpstreamBody::Boxed(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Hyper(body) => body.size_hint(),
-            UpstreamBody::Boxed(body) => body.size_hint(),
-        }
-    }
-}
+/// An upstream answer's body: from the network (`Left`), or the mock provider's (`Right`).
+/// `Either` polls the one it holds with a `match` per frame, so a stream is not wrapped in
+/// another boxed, error-mapping layer.
+type UpstreamBody = Either<upstream::ResponseBody, RespBody>;
 
 /// Why [`collect_limited`] gave up.
 #[derive(Debug)]

@@ -342,7 +342,7 @@ async fn replicas_share_their_windows_in_a_redis_cluster() {
         expect_exhausted(router, 60, "all_credentials_rate_limited", why).await;
     }
     assert_eq!(mock.count(), 4);
-    let counts = cluster.key_counts().await;
+    let counts = cluster.key_counts();
     assert_eq!(
         counts.iter().filter(|&&n| n > 0).count(),
         1,
@@ -384,10 +384,10 @@ async fn a_slot_moved_to_another_node_keeps_its_window() {
     let slot = cluster.slot_of(&prefix);
     let from = cluster.owner_of(slot);
     let to = (from + 1) % 3;
-    let before = cluster.key_counts().await;
+    let before = cluster.key_counts();
     assert!(before[from] > 0 && before[to] == 0, "{before:?}");
     cluster.move_slot(slot, from, to);
-    let after = cluster.key_counts().await;
+    let after = cluster.key_counts();
     assert!(
         after[from] == 0 && after[to] == before[from],
         "{before:?} -> {after:?}"
@@ -404,7 +404,7 @@ async fn a_slot_moved_to_another_node_keeps_its_window() {
         expect_exhausted(router, 60, "all_credentials_rate_limited", why).await;
     }
     assert_eq!(mock.count(), 6);
-    let counts = cluster.key_counts().await;
+    let counts = cluster.key_counts();
     assert!(counts[from] == 0 && counts[to] > 0, "{counts:?}");
 }
 
@@ -439,7 +439,7 @@ async fn a_tls_cluster_is_reached_over_tls_on_every_node() {
         assert_eq!(state["rate_limit"]["errors"], json!(0), "{state}");
     }
     assert_eq!(mock.count(), 4);
-    let counts = cluster.key_counts().await;
+    let counts = cluster.key_counts();
     assert_eq!(counts.iter().filter(|&&n| n > 0).count(), 1, "{counts:?}");
 
     // Without the CA no node is trusted: the router says why and uses its local share.
@@ -454,7 +454,7 @@ async fn a_cluster_that_is_down_at_start_is_used_once_it_answers() {
     let yaml = server_yaml(0, &[])
         + &creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), &["rpm: 4"])])
         + MODELS
-        + &redis_section(&url, 2).replace("backend: redis\n", "backend: redis\n  cluster: true\n");
+        + &cluster_section(&url, &format!("test-{}", free_port()), true);
     let (a, b) = replicas(&yaml).await;
     assert_eq!(
         a.chat_status("gpt-4o").await,
@@ -472,13 +472,8 @@ async fn a_cluster_that_is_down_at_start_is_used_once_it_answers() {
             admitted += 1;
         }
     }
-    assert_eq!(
-        admitted,
-        4,
-        "the shared window: {:?}",
-        cluster.key_counts().await
-    );
-    assert!(cluster.key_counts().await.iter().any(|&n| n > 0));
+    assert_eq!(admitted, 4, "the shared window: {:?}", cluster.key_counts());
+    assert!(cluster.key_counts().iter().any(|&n| n > 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -435,8 +435,9 @@ fn describe(e: &redis::RedisError) -> String {
 }
 
 /// Reads [`ADMIT`]'s reply: the 1-based index admitted (0: none) and whether that pair has
-/// strikes (1) or not (0), then three numbers per candidate passed over — kind (1 banned, 2 limited), milliseconds until it frees (-1: never
-/// for a ban, unknown for a window) and the ban's status code.
+/// strikes (1) or not (0), then three numbers per candidate passed over — kind (1 banned, 2
+/// limited), milliseconds until it frees (-1: never for a ban, unknown for a window) and the
+/// ban's status code.
 fn parse_verdicts(reply: &[i64], candidates: usize, now: Instant) -> Result<Verdicts, String> {
     let bad = || format!("unexpected reply from the admission script: {reply:?}");
     let [first, strikes, rest @ ..] = reply else {
@@ -470,8 +471,8 @@ fn parse_verdicts(reply: &[i64], candidates: usize, now: Instant) -> Result<Verd
 }
 
 /// KEYS: `seq`, then per candidate: credential rpm, tpm, tpm sum; pair rpm, tpm, tpm sum,
-/// ban, strikes. ARGV: window ms, key TTL ms, then per candidate: rpm, tpm, model rpm, model tpm
-/// (-1: unlimited). The credential's windows are always kept (a limit added by a reload then
+/// ban, strikes. ARGV: window ms, key TTL ms, then per candidate: rpm, tpm, model rpm, model
+/// tpm (-1: unlimited). The credential's windows are always kept (a limit added by a reload then
 /// sees the past minute); a pair's only when it has that limit.
 const ADMIT: &str = r#"
 local t = redis.call('TIME')

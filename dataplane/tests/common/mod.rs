@@ -1822,7 +1822,7 @@ impl RedisCluster {
     }
 
     /// How many keys each node holds, in node order.
-    pub async fn key_counts(&self) -> Vec<u64> {
+    pub fn key_counts(&self) -> Vec<u64> {
         (0..self.nodes.len())
             .map(|n| self.cli(n, &["DBSIZE"]).parse().unwrap_or(0))
             .collect()
