@@ -10,7 +10,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::{
-    config::{ConfigError, Problem, RouterConfig},
+    config::{ConfigError, LogLevel, Problem, RouterConfig},
     metrics::Metrics,
     remote::RemoteHealth,
     runtime::Runtime,
@@ -99,10 +99,28 @@ impl App {
                 "server.max_idle_conns_per_host",
                 old_server.max_idle_conns_per_host != new_server.max_idle_conns_per_host,
             ),
+            (
+                "server.idle_timeout",
+                old_server.idle_timeout != new_server.idle_timeout,
+            ),
         ] {
             if changed {
                 warnings.push(Problem { field: field.into(), message: "changed, but listeners and the connection pool keep their settings until a restart".into() });
             }
+        }
+        if old_server.request_timeout != new_server.request_timeout {
+            warnings.push(Problem {
+                field: "server.request_timeout".into(),
+                message: "applies to new requests now; the upstream connect timeout taken from it keeps its value until a restart".into(),
+            });
+        }
+        if old_server.logging_level != new_server.logging_level
+            && !crate::telemetry::set_default_filter(&log_filter(new_server.logging_level))
+        {
+            warnings.push(Problem {
+                field: "server.logging_level".into(),
+                message: "not applied: RUST_LOG chooses the log filter of this process".into(),
+            });
         }
         let runtime = self.store.apply(new);
         self.metrics
@@ -141,4 +159,9 @@ impl App {
             }
         }
     }
+}
+
+/// The log filter for `server.logging_level` (the libraries' own chatter stays at warn).
+pub fn log_filter(level: LogLevel) -> String {
+    format!("{},hyper=warn,rustls=warn", level.as_str())
 }

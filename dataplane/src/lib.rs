@@ -14,6 +14,7 @@ pub mod admin;
 pub mod app;
 pub mod body;
 pub mod config;
+pub mod drain;
 pub mod error;
 pub mod health;
 pub mod json;

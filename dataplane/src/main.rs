@@ -154,10 +154,7 @@ fn run(path: &Path, log_format: LogFormat, listen_host: Option<String>) -> ExitC
         }
     };
     init_tracing(
-        &format!(
-            "{},hyper=warn,rustls=warn",
-            loaded.config.server.logging_level.as_str()
-        ),
+        &airouter::app::log_filter(loaded.config.server.logging_level),
         log_format,
     );
     for w in &loaded.warnings {
@@ -252,19 +249,17 @@ async fn serve(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let timeout = server.shutdown_timeout;
     let public = server::serve(
         listener,
         app.clone(),
         Role::Public,
         stopped(stop_rx.clone()),
-        timeout,
     );
     match admin {
         Some(admin) => {
             tokio::join!(
                 public,
-                server::serve(admin, app, Role::Admin, stopped(stop_rx), timeout)
+                server::serve(admin, app, Role::Admin, stopped(stop_rx))
             );
         }
         None => public.await,

@@ -446,18 +446,21 @@ impl Forward<'_> {
         let from_redis = match shared {
             Some(shared) if (200..300).contains(&outcome.status) => {
                 shared.record_success_in_background(
-                    cred.name.clone(),
+                    cred.ban_scope.clone(),
                     Arc::from(self.model_id),
                     pick.strikes,
                 );
                 Some(None)
             }
             // Boxed: the Redis call's state stays out of every request's future.
-            Some(shared) => {
-                Box::pin(shared.record_outcome(&cred.name, self.model_id, outcome, &self.rt.policy))
-                    .await
-                    .ok()
-            }
+            Some(shared) => Box::pin(shared.record_outcome(
+                &cred.ban_scope,
+                self.model_id,
+                outcome,
+                &self.rt.policy,
+            ))
+            .await
+            .ok(),
             None => None,
         };
         let ban = match from_redis {

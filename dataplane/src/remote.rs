@@ -3,7 +3,8 @@
 //! Every `server.health_sync_interval` (and right after a config change) the sync task reads
 //! each proxy credential's remote `/health` and `/v1/models` and publishes one snapshot
 //! (spec §12.9). Selection skips a proxy for a model its remote reports no available
-//! credential for; the remote's models are routed to it and listed in our `/v1/models`.
+//! credential for; the remote's models are routed to it and listed in our `/v1/models` (a
+//! failed fetch keeps the last list: upstream never unregisters a remote's model, spec §7.2).
 //! Limiter windows are never touched by a sync.
 
 use std::{
@@ -50,7 +51,11 @@ pub struct RemoteStatus {
     pub status: Option<String>,
     pub credentials_available: Option<u64>,
     pub total_credentials: Option<u64>,
+    /// The last list `/v1/models` answered with: a failed fetch keeps the one before (a
+    /// remote's blip must not turn its models into 404s), unless the endpoint changed.
     pub models: Vec<RemoteModel>,
+    /// The `base_url` the models were read from.
+    pub models_from: String,
     /// Models the remote reports no available credential for.
     pub unavailable_models: HashSet<String>,
 }
@@ -136,7 +141,14 @@ impl RemoteHealth {
                 .filter(|c| c.kind == CredentialType::Proxy)
                 .collect();
             if !proxies.is_empty() {
-                let results = join_all(proxies.iter().map(|c| sync_one(&client, c))).await;
+                let previous = self.snapshot.load_full();
+                let syncs = proxies.iter().map(|c| {
+                    let last = previous
+                        .get(&*c.name)
+                        .filter(|s| s.models_from == c.base_url);
+                    sync_one(&client, c, last.map(|s| &s.models))
+                });
+                let results = join_all(syncs).await;
                 let snapshot: HashMap<String, Arc<RemoteStatus>> = proxies
                     .iter()
                     .zip(results)
@@ -155,9 +167,16 @@ impl RemoteHealth {
     }
 }
 
-async fn sync_one(client: &Client, cred: &Credential) -> RemoteStatus {
+/// Reads one proxy credential's remote; `last_models`: what its `/v1/models` said last time.
+async fn sync_one(
+    client: &Client,
+    cred: &Credential,
+    last_models: Option<&Vec<RemoteModel>>,
+) -> RemoteStatus {
     let mut status = RemoteStatus {
         synced_at: Some(SystemTime::now()),
+        models: last_models.cloned().unwrap_or_default(),
+        models_from: cred.base_url.clone(),
         ..Default::default()
     };
     let (health, models) = tokio::join!(
@@ -200,7 +219,9 @@ async fn sync_one(client: &Client, cred: &Credential) -> RemoteStatus {
         None => {
             debug!(credential = %cred.name, models = status.models.len(), available = ?status.credentials_available, "remote synced")
         }
-        Some(e) => warn!(credential = %cred.name, error = %e, "remote sync failed"),
+        Some(e) => {
+            warn!(credential = %cred.name, error = %e, models = status.models.len(), "remote sync failed")
+        }
     }
     if status.reachable && status.credentials_available == Some(0) {
         info!(credential = %cred.name, "remote reports no available credential; skipping it until the next sync");

@@ -53,6 +53,8 @@ pub struct Credential {
     pub authorization: Option<HeaderValue>,
     pub mock: Option<MockConfig>,
     pub state: Arc<CredState>,
+    /// What its fail2ban bans and strikes are kept under in Redis: see [`ban_scope`].
+    pub ban_scope: Arc<str>,
     /// `base_url` split for assembling request URIs (`None`: assembled from the string).
     pub base: Option<crate::upstream::BaseUrl>,
     pub http_version: HttpVersion,
@@ -192,6 +194,27 @@ pub struct Runtime {
     registry: Arc<Registry>,
 }
 
+/// The credential's name and a fingerprint of what its bans were earned with — its type,
+/// endpoint and key: a rotated key or a moved endpoint starts without the old bans and
+/// strikes on every replica that has the new config, while a replica still on the old one
+/// keeps refusing the old key. (The fingerprint is 64 bits of a SHA-256: it names the key
+/// without revealing it.)
+pub fn ban_scope(c: &crate::config::CredentialConfig) -> Arc<str> {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for part in [
+        format!("{:?}", c.kind).as_str(),
+        &c.base_url,
+        c.api_key.as_ref().map_or("", |k| k.expose()),
+    ] {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    let digest = hash.finalize();
+    let fingerprint: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    Arc::from(format!("{}#{fingerprint}", c.name))
+}
+
 impl Runtime {
     /// Compiles a validated config. Credential state comes from `registry` by name.
     pub fn compile(config: RouterConfig, registry: Arc<Registry>) -> Runtime {
@@ -212,6 +235,7 @@ impl Runtime {
                 }),
                 mock: c.mock.clone(),
                 state: registry.cred_state(&c.name),
+                ban_scope: ban_scope(c),
                 base: crate::upstream::BaseUrl::parse(c.kind, &c.base_url),
                 http_version: c.http_version,
             })

@@ -202,6 +202,7 @@ pub async fn select_shared<'r>(
             .iter()
             .map(|c| shared::Candidate {
                 credential: &rt.credentials[c.slot.cred].name,
+                ban_scope: &rt.credentials[c.slot.cred].ban_scope,
                 limits: rt.slot_limits(c.slot),
             })
             .collect();

@@ -15,19 +15,25 @@ use http::{Request, Response};
 use hyper::{body::Incoming, server::conn::http1, server::conn::http2};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{
-        conn::auto,
-        graceful::{GracefulShutdown, Watcher},
-    },
+    server::conn::auto,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use crate::{admin, app::App, body::RespBody, proxy};
+use crate::{
+    admin,
+    app::App,
+    body::RespBody,
+    drain::{Drain, Watch},
+    proxy,
+};
 
-/// How long a client may take to send a request head (slow-loris protection); also how
-/// long a new connection may stay silent.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a new connection may stay silent before its first byte (slow-loris protection).
+/// After that, `server.idle_timeout` bounds both the wait between requests on a keep-alive
+/// HTTP/1.1 connection and the time a request head may take to arrive: hyper has one timer
+/// for the two. (Kept above a load balancer's own idle timeout — 60 s for nginx and AWS ALB —
+/// so it is the balancer that closes an idle connection, never us under a request it sends.)
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4) an h2c client opens with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -66,19 +72,20 @@ struct Protocols {
 }
 
 impl Protocols {
-    fn new() -> Protocols {
+    /// `idle`: `server.idle_timeout`, see [`FIRST_BYTE_TIMEOUT`].
+    fn new(idle: Duration) -> Protocols {
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
             .keep_alive(true)
-            .header_read_timeout(HEADER_READ_TIMEOUT);
+            .header_read_timeout(idle);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new());
         let mut auto = auto::Builder::new(TokioExecutor::new());
         auto.http1()
             .timer(TokioTimer::new())
             .keep_alive(true)
-            .header_read_timeout(HEADER_READ_TIMEOUT);
+            .header_read_timeout(idle);
         auto.http2().timer(TokioTimer::new());
         Protocols { http1, http2, auto }
     }
@@ -88,45 +95,56 @@ impl Protocols {
         &self,
         stream: TcpStream,
         service: Service,
-        watcher: Watcher,
-        mut draining: tokio::sync::watch::Receiver<bool>,
+        mut watch: Watch,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let mut first = [0u8; H2_PREFACE.len()];
         let peeked = tokio::select! {
-            peeked = tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)) => peeked,
+            peeked = tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut first)) => peeked,
             // Shutting down before the first byte: nothing to finish.
-            _ = draining.wait_for(|d| *d) => return Ok(()),
+            () = watch.draining() => return Ok(()),
         };
         let n = match peeked {
             Ok(read) => read?,
-            Err(_) => return Err("no request within the header read timeout".into()),
+            Err(_) => return Err("no byte within the first-byte timeout".into()),
         };
         let io = TokioIo::new(stream);
         match detect(&first[..n]) {
             Detected::Closed => Ok(()),
-            Detected::Http1 => Ok(watcher
-                .watch(self.http1.serve_connection(io, service))
+            Detected::Http1 => Ok(watch
+                .serve(
+                    self.http1.serve_connection(io, service),
+                    http1::Connection::graceful_shutdown,
+                )
                 .await?),
-            Detected::Http2 => Ok(watcher
-                .watch(self.http2.serve_connection(io, service))
+            Detected::Http2 => Ok(watch
+                .serve(
+                    self.http2.serve_connection(io, service),
+                    http2::Connection::graceful_shutdown,
+                )
                 .await?),
-            Detected::Undecided => watcher.watch(self.auto.serve_connection(io, service)).await,
+            Detected::Undecided => {
+                watch
+                    .serve(
+                        self.auto.serve_connection(io, service),
+                        auto::Connection::graceful_shutdown,
+                    )
+                    .await
+            }
         }
     }
 }
 
-/// Serves until `shutdown` resolves, then drains connections for at most `grace`: idle
-/// keep-alive connections are closed, in-flight requests and streams run to their end.
+/// Serves until `shutdown` resolves, then drains connections for at most
+/// `server.shutdown_timeout` (of the config current then): idle keep-alive connections are
+/// closed, in-flight requests and streams run to their end.
 pub async fn serve(
     listener: TcpListener,
     app: Arc<App>,
     role: Role,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
 ) {
-    let protocols = Arc::new(Protocols::new());
-    let graceful = GracefulShutdown::new();
-    let (draining_tx, draining) = tokio::sync::watch::channel(false);
+    let protocols = Arc::new(Protocols::new(app.current().config.server.idle_timeout));
+    let drain = Drain::new();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -142,12 +160,12 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let service = Service { app: app.clone(), role };
-                // Subscribed now, so a shutdown that starts before the protocol is known
+                // Registered now, so a shutdown that starts before the protocol is known
                 // still reaches the connection.
-                let watcher = graceful.watcher();
-                let (protocols, draining) = (protocols.clone(), draining.clone());
+                let watch = drain.watch();
+                let protocols = protocols.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = protocols.serve(stream, service, watcher, draining).await {
+                    if let Err(e) = protocols.serve(stream, service, watch).await {
                         debug!(peer = %peer, error = %e, "connection ended with an error");
                     }
                 });
@@ -156,10 +174,10 @@ pub async fn serve(
         }
     }
     drop(listener);
-    let _ = draining_tx.send(true);
-    info!(listener = ?role, "listener closed: draining in-flight requests");
+    let grace = app.current().config.server.shutdown_timeout;
+    info!(listener = ?role, connections = drain.open(), "listener closed: draining in-flight requests");
     tokio::select! {
-        () = graceful.shutdown() => info!("all connections closed"),
+        () = drain.shutdown() => info!("all connections closed"),
         () = tokio::time::sleep(grace) => warn!(grace_seconds = grace.as_secs(), "grace period over; closing remaining connections"),
     }
 }

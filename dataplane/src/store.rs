@@ -42,21 +42,12 @@ impl ConfigStore {
     pub fn apply(&self, config: RouterConfig) -> Arc<Runtime> {
         let previous = self.current();
         let runtime = Arc::new(Runtime::compile(config, self.registry.clone()));
-        for cred in &runtime.config.credentials {
+        for cred in &runtime.credentials {
             let rotated = previous
-                .config
-                .credentials
-                .iter()
-                .find(|old| old.name == cred.name)
-                .is_some_and(|old| {
-                    old.api_key != cred.api_key
-                        || old.base_url != cred.base_url
-                        || old.kind != cred.kind
-                });
+                .credential(&cred.name)
+                .is_some_and(|old| old.ban_scope != cred.ban_scope);
             if rotated {
-                if let Some(c) = runtime.credential(&cred.name) {
-                    c.state.clear_bans();
-                }
+                cred.state.clear_bans();
             }
         }
         self.current.store(runtime.clone());

@@ -270,17 +270,22 @@ async fn proxy_forward_increments_hops_and_max_hops_refuses() {
 // (2) Remote models are listed and routed to the proxy
 // ---------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remote_models_are_listed_and_routed_through_the_proxy() {
-    let x = MockUpstream::start().await;
-    let y = MockUpstream::start().await;
-    let b = Router::start_with(
+/// Router B: one credential on `y`, and a model only B names.
+async fn router_b_serving_only_on_b(y: &MockUpstream) -> Router {
+    Router::start_with(
         &(server(B_KEY, &[])
             + &creds_yaml(&[cred("y", "openai", "sk-y", &y.url(), &[])])
             + "models:\n  - name: only-on-b\n"),
         StartOpts::default().master_key(B_KEY),
     )
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_models_are_listed_and_routed_through_the_proxy() {
+    let x = MockUpstream::start().await;
+    let y = MockUpstream::start().await;
+    let b = router_b_serving_only_on_b(&y).await;
     let a = Router::start(
         &(server(MASTER_KEY, &[])
             + &creds_yaml(&[
@@ -353,6 +358,44 @@ async fn remote_models_are_listed_and_routed_through_the_proxy() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(error_of(&v).2, Some("model_not_found"), "{v}");
     assert_eq!(x.count() + y.count(), 2);
+}
+
+/// A remote that stops answering keeps the models it listed last: requests for them still go
+/// to the proxy (and fail as a failed upstream does), never A's 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_that_stops_answering_keeps_its_models_routed() {
+    let y = MockUpstream::start().await;
+    let mut b = router_b_serving_only_on_b(&y).await;
+    let a = Router::start(
+        &(server(MASTER_KEY, &[])
+            + &creds_yaml(&[cred("p1", "proxy", B_KEY, &b.url(""), &[])])
+            + "models:\n  - name: gpt-4o\n"),
+    )
+    .await;
+    let remote_models = |h: &Value| h["credentials"]["p1"]["remote"]["models"].clone();
+    let listed = a
+        .wait_health(SYNC_DEADLINE, |h| remote_models(h) == json!(["only-on-b"]))
+        .await;
+    assert!(listed, "A never synced B's models");
+    assert_eq!(a.chat_status("only-on-b").await, 200);
+
+    b.shutdown();
+    let failed = a
+        .wait_health(SYNC_DEADLINE, |h| {
+            h["credentials"]["p1"]["remote"]["reachable"] == json!(false)
+        })
+        .await;
+    assert!(failed, "A's sync never noticed B stopped");
+    let (_, health) = a.health().await;
+    assert_eq!(remote_models(&health), json!(["only-on-b"]), "{health}");
+    let resp = a.chat("only-on-b").await;
+    let status = resp.status().as_u16();
+    let v: Value = resp.json().await.unwrap();
+    assert!(matches!(status, 502 | 503), "{status}: {v}");
+    assert_ne!(error_of(&v).2, Some("model_not_found"), "{v}");
+    let listed = a.get("/v1/models").await.json::<Value>().await.unwrap();
+    assert!(listed.to_string().contains("only-on-b"), "{listed}");
+    assert_eq!(y.count(), 1);
 }
 
 // ---------------------------------------------------------------------------

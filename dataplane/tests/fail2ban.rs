@@ -230,6 +230,34 @@ async fn default_429_cools_down_for_upstream_retry_after() {
     );
 }
 
+/// A provider's `Retry-After` is taken at its word only up to an hour: a far-off value must
+/// not park the key for years, and one past the clock's range must not fail the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_off_upstream_retry_after_cools_down_for_an_hour_at_most() {
+    let mock = MockUpstream::start().await;
+    let yaml = server_yaml(0, &[])
+        + &creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), &[])])
+        + MODELS;
+    let router = Router::start(&yaml).await;
+
+    for (model, asked) in [("gpt-4o", u64::MAX), ("gpt-4o-mini", 31_536_000)] {
+        mock.push(Reply::error(429, "slow down").with_header("retry-after", &asked.to_string()));
+        assert_eq!(
+            router.chat_status(model).await,
+            429,
+            "{model}: the 429 is passed on"
+        );
+        let resp = router.chat(model).await;
+        assert_eq!(resp.status().as_u16(), 503, "{model}: cooling down");
+        let ra = retry_after(&resp).expect("Retry-After during cool-down");
+        assert!(
+            (3590..=3600).contains(&ra),
+            "{model}: Retry-After {ra}, the upstream said {asked}"
+        );
+    }
+    assert_eq!(mock.count(), 2);
+}
+
 // ---------------------------------------------------------------------------
 // Retries
 // ---------------------------------------------------------------------------

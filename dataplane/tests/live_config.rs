@@ -466,6 +466,56 @@ async fn round_robin_cursor_survives_reload_and_push_reports_warnings() {
     assert_eq!(up.bearers(), vec!["sk-c1", "sk-c2", "sk-c3", "sk-c1"]);
 }
 
+/// A pushed `logging_level` changes what this process logs at once; the settings read only at
+/// start are named in the push's warnings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_logging_level_applies_at_once_and_restart_settings_are_named() {
+    use tokio::io::AsyncWriteExt;
+    let config = |server: &[&str]| {
+        admin_server_yaml(0, server) + &creds_yaml(&[cred("m", "mock", "", "", &[])])
+    };
+    let router = Router::start(&config(&[])).await;
+    // A connection hyper cannot parse ends with an error, logged at debug level.
+    let garbage = async || {
+        let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", router.port))
+            .await
+            .unwrap();
+        sock.write_all(b"NOT HTTP\r\n\r\n").await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::io::AsyncReadExt::read_to_end(&mut sock, &mut rest);
+        let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    };
+    const DEBUG_LINE: &str = "connection ended with an error";
+    garbage().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !router.logs().contains(DEBUG_LINE),
+        "info level logs no debug line"
+    );
+
+    let (status, body) = router
+        .push_config(&router.fill(&config(&["logging_level: debug", "idle_timeout: 90s"])))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let fields: Vec<&str> = body["warnings"]
+        .as_array()
+        .expect("warnings array")
+        .iter()
+        .filter_map(|w| w["field"].as_str())
+        .collect();
+    assert_eq!(fields, ["server.idle_timeout"], "{body}");
+    garbage().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !router.logs().contains(DEBUG_LINE) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        router.logs().contains(DEBUG_LINE),
+        "debug level now:\n{}",
+        router.logs()
+    );
+}
+
 // ---------------------------------------------------------------------------
 // (4) The file watcher: Kubernetes-style symlink swaps
 // ---------------------------------------------------------------------------

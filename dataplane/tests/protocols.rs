@@ -6,7 +6,12 @@ use common::*;
 use serde_json::Value;
 
 fn yaml() -> String {
-    server_yaml(0, &[]) + "credentials:\n  - name: m\n    type: mock\n    mock: {chunks: 3}\n"
+    yaml_with(&[])
+}
+
+/// A mock credential, and `server` lines of its own.
+fn yaml_with(server: &[&str]) -> String {
+    server_yaml(0, server) + "credentials:\n  - name: m\n    type: mock\n    mock: {chunks: 3}\n"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,9 +38,40 @@ async fn h2c_prior_knowledge_is_served() {
     }
 }
 
+/// Writes `request` on `sock` and reads one whole answer (head, then `Content-Length` bytes);
+/// `None` when the router closed the connection instead. The head is lowercased.
+async fn exchange(sock: &mut tokio::net::TcpStream, request: &[u8]) -> Option<(String, Vec<u8>)> {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    sock.write_all(request).await.ok()?;
+    let mut buf = Vec::new();
+    for _ in 0..100 {
+        let mut chunk = [0u8; 4096];
+        let read = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut chunk)).await;
+        let n = read.expect("an answer or a close within 5 s").unwrap_or(0);
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .expect("content-length")
+                .trim()
+                .parse()
+                .unwrap();
+            if buf.len() >= end + 4 + len {
+                return Some((head, buf[end + 4..end + 4 + len].to_vec()));
+            }
+        }
+    }
+    panic!("no whole answer in 100 reads");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_keep_alive_serves_several_requests_on_one_socket() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let router = Router::start(&yaml()).await;
     let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", router.port))
         .await
@@ -47,42 +83,45 @@ async fn http1_keep_alive_serves_several_requests_on_one_socket() {
              Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
-        sock.write_all(req.as_bytes()).await.unwrap();
-        // Read one whole response: headers, then Content-Length bytes of body.
-        let mut buf = Vec::new();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let (head_end, len) = loop {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "response {i} incomplete"
-            );
-            let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut chunk))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(
-                n > 0,
-                "the router closed the connection after {i} responses"
-            );
-            buf.extend_from_slice(&chunk[..n]);
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-                assert!(head.starts_with("http/1.1 200"), "{head}");
-                assert!(!head.contains("connection: close"), "{head}");
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .expect("content-length")
-                    .trim()
-                    .parse()
-                    .unwrap();
-                if buf.len() >= end + 4 + len {
-                    break (end + 4, len);
-                }
-            }
+        let Some((head, body)) = exchange(&mut sock, req.as_bytes()).await else {
+            panic!("the router closed the connection after {i} responses");
         };
-        let v: Value = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["object"], "chat.completion");
     }
+}
+
+/// `GET /health` on `sock`: whether it was answered (200) rather than the connection closed.
+async fn health_on(sock: &mut tokio::net::TcpStream) -> bool {
+    let answer = exchange(sock, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    answer.is_some_and(|(head, _)| head.starts_with("http/1.1 200"))
+}
+
+/// `server.idle_timeout` is how long a keep-alive connection may wait for its next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_is_closed_after_idle_timeout() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncReadExt;
+    let router = Router::start(&yaml_with(&["idle_timeout: 2s"])).await;
+    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", router.port))
+        .await
+        .unwrap();
+    assert!(health_on(&mut sock).await);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(health_on(&mut sock).await, "1.2 s idle is within 2 s");
+    let idle_from = Instant::now();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut byte)).await;
+    assert_eq!(
+        read.expect("closed within 10 s").unwrap_or(0),
+        0,
+        "closed, not answered"
+    );
+    let idle = idle_from.elapsed();
+    assert!(
+        (Duration::from_millis(1800)..Duration::from_secs(5)).contains(&idle),
+        "closed after {idle:?} idle, idle_timeout is 2 s"
+    );
 }

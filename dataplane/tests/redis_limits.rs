@@ -201,15 +201,66 @@ async fn a_ban_earned_across_replicas_holds_on_every_replica() {
     assert_eq!(h["credentials_available"], json!(0), "{h}");
 }
 
+/// The usual cure for a ban earned with a bad key is a new key: the bans are kept under a
+/// fingerprint of the key, so a replica given the new one is not refused by the old key's ban
+/// — and a replica still on the old key is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_leaves_the_old_keys_ban_behind_on_every_replica() {
+    let redis = RedisServer::start().await;
+    let mock = MockUpstream::start().await;
+    let config = |key: &str| {
+        admin_server_yaml(0, &[])
+            + &creds_yaml(&[cred("c1", "openai", key, &mock.url(), &[])])
+            + MODELS
+            + "fail2ban:\n  max_attempts: 1\n  ban_duration: 0\n  error_codes: [401]\n"
+    };
+    let shared = redis_section(&redis.url(), 2);
+    let (a, b) = replicas(&(config("sk-old") + &shared)).await;
+
+    mock.push(Reply::error(401, "invalid api key"));
+    assert_eq!(a.chat_status("gpt-4o").await, 401);
+    for router in [&a, &b] {
+        let resp = router.chat("gpt-4o").await;
+        assert_eq!(
+            resp.status().as_u16(),
+            503,
+            "a permanent ban, on every replica"
+        );
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(error_of(&v).2, Some("all_credentials_banned"), "{v}");
+    }
+    let old_ban = pair_key(&redis, &a, "c1", "ban").await;
+
+    let (status, body) = a.push_config(&a.fill(&(config("sk-new") + &shared))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        a.chat_status("gpt-4o").await,
+        200,
+        "the new key is not banned"
+    );
+    assert_eq!(mock.bearers().last().map(String::as_str), Some("sk-new"));
+    let resp = b.chat("gpt-4o").await;
+    assert_eq!(resp.status().as_u16(), 503, "b still has the banned key");
+    assert_eq!(
+        redis.command(&["EXISTS", &old_ban]).await.as_deref(),
+        Some(":1"),
+        "the old key's ban stays for the replicas that still use it"
+    );
+    let (status, body) = b.push_config(&b.fill(&(config("sk-new") + &shared))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(b.chat_status("gpt-4o").await, 200, "b has the new key now");
+    assert_eq!(mock.bearers(), ["sk-old", "sk-new", "sk-new"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_success_on_one_replica_resets_the_strikes_of_all() {
     let Pool { redis, mock, a, b } = Pool::start(&[], true).await;
-    let strikes = format!("{{{}}}:p:2:c1:gpt-4o:strikes", key_prefix(&a));
 
     for _ in 0..2 {
         mock.push(Reply::error(401, "invalid api key"));
         assert_eq!(a.chat_status("gpt-4o").await, 401);
     }
+    let strikes = pair_key(&redis, &a, "c1", "strikes").await;
     assert_eq!(
         redis
             .command_value(&["HGET", &strikes, "401"])
@@ -570,6 +621,18 @@ async fn expect_untrusted(yaml: &str) {
         logs.contains("rate-limit backend failed") && logs.contains("certificate"),
         "{logs}"
     );
+}
+
+/// The Redis key of `credential`'s `what` (`ban`, `strikes`) for `gpt-4o`, found by pattern:
+/// its name carries a fingerprint of the credential's key.
+async fn pair_key(redis: &RedisServer, router: &Router, credential: &str, what: &str) -> String {
+    let pattern = format!(
+        "{{{}}}:p:*:{credential}#*:gpt-4o:{what}",
+        key_prefix(router)
+    );
+    let first = "local k = redis.call('KEYS', ARGV[1]); return #k == 1 and k[1] or #k";
+    let found = redis.command_value(&["EVAL", first, "0", &pattern]).await;
+    found.unwrap_or_else(|| panic!("not exactly one key matches {pattern}"))
 }
 
 /// The `key_prefix` of a router started with [`redis_section`].

@@ -318,16 +318,28 @@ async fn idle_router_serves_through_the_grace_then_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_timeout_bounds_the_drain() {
-    // A 6 s stream, but only 200 ms grace + 1 s to drain: the router exits 0 anyway.
-    let yaml = server_yaml(0, &["shutdown_grace: 200ms", "shutdown_timeout: 1s"])
-        + &creds_yaml(&[cred(
-            "m",
-            "mock",
-            "",
-            "",
-            &["mock: {latency: 0s, chunk_interval: 300ms, chunks: 20}"],
-        )]);
-    let mut router = Router::start(&yaml).await;
+    // A 6 s stream, but only 200 ms grace + 1 s to drain: the router exits 0 anyway. The 1 s
+    // comes with a pushed config: the drain uses the config current at SIGTERM.
+    let yaml = |timeout: &str| {
+        admin_server_yaml(0, &["shutdown_grace: 200ms", timeout])
+            + &creds_yaml(&[cred(
+                "m",
+                "mock",
+                "",
+                "",
+                &["mock: {latency: 0s, chunk_interval: 300ms, chunks: 20}"],
+            )])
+    };
+    let mut router = Router::start(&yaml("shutdown_timeout: 30s")).await;
+    let (status, body) = router
+        .push_config(&router.fill(&yaml("shutdown_timeout: 1s")))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["warnings"],
+        serde_json::json!([]),
+        "applied at once: {body}"
+    );
     let done = Arc::new(AtomicUsize::new(0));
     let streams = start_streams(&router, "gpt-4o", 1, done).await;
     let t0 = Instant::now();

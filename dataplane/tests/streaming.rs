@@ -156,6 +156,37 @@ async fn client_disconnect_closes_upstream() {
     assert_eq!(mock.streams_completed(), 0);
 }
 
+/// The same for an answer the router buffers (not streaming): the client leaving while the
+/// upstream is still writing it cancels the upstream request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_cancels_a_buffered_upstream_answer() {
+    let mock = MockUpstream::start().await;
+    let router = Router::start(&one_cred(&mock.url())).await;
+    mock.push(Reply::SlowJson {
+        body: default_completion().to_string(),
+        interval: Duration::from_secs(3),
+    });
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let sent = impatient
+        .post(router.url("/v1/chat/completions"))
+        .bearer_auth(MASTER_KEY)
+        .json(&chat_body("gpt-4o"))
+        .send()
+        .await;
+    assert!(sent.is_err_and(|e| e.is_timeout()), "the client gave up");
+    let cancelled = mock.wait_stream_aborted(Duration::from_millis(2000)).await;
+    assert!(
+        cancelled,
+        "the upstream answer was still being read after the client left"
+    );
+    assert_eq!(mock.streams_completed(), 0);
+    assert_eq!(mock.count(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_retry_after_stream_started() {
     let mock = MockUpstream::start().await;

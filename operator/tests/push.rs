@@ -30,7 +30,6 @@ async fn stand_in(ip: &str, name: &str) -> (PodTarget, Arc<App>) {
         app.clone(),
         Role::Admin,
         std::future::pending(),
-        Duration::from_secs(1),
     ));
     (
         PodTarget {

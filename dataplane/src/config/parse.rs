@@ -401,8 +401,16 @@ impl Parser<'_> {
             }
         };
         let response_body_multiplier = match self.int(m, "response_body_multiplier", f, true) {
+            None => 10,
             Some(n) if n > 0 => n as u64,
-            _ => 10,
+            // Upstream silently takes 10 here (spec §1.2); every invalid value is refused.
+            Some(n) => {
+                self.error(
+                    "server.response_body_multiplier",
+                    format!("invalid response_body_multiplier: {n} (must be > 0)"),
+                );
+                10
+            }
         };
         let request_timeout = self.request_timeout(m);
         let write_timeout = self
@@ -413,11 +421,33 @@ impl Parser<'_> {
             Some(d) => d,
             None => Duration::from_secs(120),
         };
+        if idle_timeout.is_zero() {
+            self.error(
+                "server.idle_timeout",
+                "must be > 0 (0 means 2 × write_timeout, and write_timeout is 0 too)",
+            );
+        }
         let idle_conn_timeout = self
             .duration(m, "idle_conn_timeout", f, true)
             .unwrap_or(Duration::from_secs(120));
         let max_idle_conns = self.non_negative(m, "max_idle_conns", f, 200);
         let max_idle_conns_per_host = self.non_negative(m, "max_idle_conns_per_host", f, 256);
+        // Accepted so an upstream config loads unchanged, but said out loud when set to
+        // something else than the default, since nothing here reads them.
+        if write_timeout != Duration::from_secs(60) {
+            self.warn(
+                "server.write_timeout",
+                "has no effect in airouter (no write deadline: a stream runs as long as it streams, \
+                 and request_timeout bounds each upstream attempt); it only sets idle_timeout: 0",
+            );
+        }
+        if max_idle_conns != 200 {
+            self.warn(
+                "server.max_idle_conns",
+                "has no effect in airouter: idle upstream connections are bounded per host, by \
+                 max_idle_conns_per_host",
+            );
+        }
         let logging_level = match self.string(m, "logging_level", f, true).as_deref() {
             None | Some("info") => LogLevel::Info,
             Some("debug") => LogLevel::Debug,
@@ -699,11 +729,19 @@ impl Parser<'_> {
     fn monitoring(&mut self, v: Option<&Value>) -> MonitoringConfig {
         let m = self.mapping(v, "monitoring", MONITORING_KEYS);
         let f = "monitoring";
+        let log_errors = self.boolean(m, "log_errors", f, true).unwrap_or(false);
+        if log_errors {
+            self.warn(
+                "monitoring.log_errors",
+                "airouter writes no error file (errors_log_path is not used): a failed request \
+                 is logged with its request id and status, without bodies, and counted in the metrics",
+            );
+        }
         MonitoringConfig {
             prometheus_enabled: self
                 .boolean(m, "prometheus_enabled", f, true)
                 .unwrap_or(false),
-            log_errors: self.boolean(m, "log_errors", f, true).unwrap_or(false),
+            log_errors,
             errors_log_path: self
                 .string(m, "errors_log_path", f, true)
                 .unwrap_or_default(),
@@ -957,7 +995,8 @@ impl Parser<'_> {
         let uri: http::Uri = match raw.parse() {
             Ok(u) => u,
             Err(e) => {
-                self.error(field, format!("invalid base_url {raw:?}: {e}"));
+                let shown = without_userinfo(&raw);
+                self.error(field, format!("invalid base_url {shown:?}: {e}"));
                 return None;
             }
         };
@@ -1147,6 +1186,18 @@ fn join(parent: &str, key: &str) -> String {
     }
 }
 
+/// `url` with its user-info (`user:password@`) shown as `***@`: a URL that does not parse
+/// may still carry a key, and the message goes to logs and API answers.
+fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let authority = &url[start..];
+    let end = authority.find(['/', '?', '#']).unwrap_or(authority.len());
+    match authority[..end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &authority[at..]).into(),
+        None => url.into(),
+    }
+}
+
 fn suffix(why: &str) -> String {
     if why.is_empty() {
         String::new()
@@ -1175,6 +1226,20 @@ mod tests {
     const MINIMAL: &str = "server: {master_key: k}\ncredentials: [{name: a, type: openai, api_key: x, base_url: 'http://h/v1/'}]\n";
 
     #[test]
+    fn an_invalid_base_url_is_named_without_its_userinfo() {
+        let text = "server: {master_key: k}\ncredentials: [{name: a, type: openai, api_key: x, \
+                    base_url: 'https://user:s3cret pw@llm.example/v1'}]\n";
+        let err = parse(text, &no_env).unwrap_err();
+        let message = err.problems[0].to_string();
+        assert!(message.contains("credentials[0].base_url"), "{message}");
+        assert!(message.contains("https://***@llm.example/v1"), "{message}");
+        assert!(!message.contains("s3cret"), "{message}");
+        assert_eq!(without_userinfo("http://h:8080/v1"), "http://h:8080/v1");
+        assert_eq!(without_userinfo("h/a@b"), "h/a@b");
+        assert_eq!(without_userinfo("u:p@h"), "***@h");
+    }
+
+    #[test]
     fn upstream_defaults() {
         let c = parse(MINIMAL, &no_env).unwrap().config;
         assert_eq!(c.server.port, 8080);
@@ -1190,7 +1255,7 @@ mod tests {
 
     #[test]
     fn collects_every_problem_with_its_field() {
-        let text = "server: {port: 0, master_key: k, logging_level: INFO, request_timeout: 5}\n\
+        let text = "server: {port: 0, master_key: k, logging_level: INFO, request_timeout: 5, response_body_multiplier: 0}\n\
                     credentials:\n\
                     - {name: a, type: foo}\n\
                     - {name: b, type: openai, api_key: x, base_url: 'ftp://h', rpm: 0, tpm: -2}\n\
@@ -1201,6 +1266,7 @@ mod tests {
             "server.port",
             "server.logging_level",
             "server.request_timeout",
+            "server.response_body_multiplier",
             "credentials[0].type",
             "credentials[1].base_url",
             "credentials[1].rpm",
@@ -1211,6 +1277,36 @@ mod tests {
         ] {
             assert!(got.iter().any(|f| f == want), "missing {want} in {got:?}");
         }
+    }
+
+    #[test]
+    fn settings_that_do_nothing_here_are_named_when_set() {
+        let warned = |server: &str, monitoring: &str| {
+            let text = format!("server: {{master_key: k{server}}}\nmonitoring: {{{monitoring}}}\ncredentials: [{{name: a, type: mock}}]\n");
+            let loaded = parse(&text, &no_env).unwrap();
+            loaded
+                .warnings
+                .into_iter()
+                .map(|w| w.field)
+                .collect::<Vec<_>>()
+        };
+        assert!(warned("", "").is_empty());
+        let defaults = ", write_timeout: 60s, max_idle_conns: 200";
+        assert!(
+            warned(defaults, "log_errors: false").is_empty(),
+            "a rendered config"
+        );
+        assert_eq!(
+            warned(
+                ", write_timeout: 5m, max_idle_conns: 10",
+                "log_errors: true, errors_log_path: /tmp/e"
+            ),
+            [
+                "server.write_timeout",
+                "server.max_idle_conns",
+                "monitoring.log_errors"
+            ]
+        );
     }
 
     #[test]

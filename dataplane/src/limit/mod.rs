@@ -135,6 +135,15 @@ impl PairState {
     fn is_idle(&self) -> bool {
         self.rpm.is_empty() && self.tpm.is_empty() && self.bans.is_idle()
     }
+
+    /// Lifts the pair's ban if it has expired, and remembers the unban in `unbans` for the
+    /// metrics. Every reader of the ban calls this first, so whoever sees the expiry first
+    /// (a request, `/health`, the operator's poll of `/admin/state`) counts it.
+    fn lift_expired(&mut self, model: &str, unbans: &mut Vec<Arc<str>>, now: Instant) {
+        if self.bans.lift_expired(now) && unbans.len() < MAX_UNBAN_EVENTS {
+            unbans.push(Arc::from(model));
+        }
+    }
 }
 
 impl CredInner {
@@ -201,9 +210,7 @@ impl CredState {
         } = inner;
         let mut pair = if tracked { pairs.get_mut(model) } else { None };
         if let Some(pair) = pair.as_deref_mut() {
-            if pair.bans.lift_expired(now) && unbans.len() < MAX_UNBAN_EVENTS {
-                unbans.push(Arc::from(model));
-            }
+            pair.lift_expired(model, unbans, now);
             if let Some(ban) = &pair.bans.ban {
                 return Admission::Banned { until: ban.until };
             }
@@ -259,11 +266,10 @@ impl CredState {
         if !inner.ensure_pair(model, false) {
             return None;
         }
-        inner
-            .pairs
-            .get_mut(model)?
-            .bans
-            .record(outcome, policy, now)
+        let CredInner { pairs, unbans, .. } = &mut *inner;
+        let pair = pairs.get_mut(model)?;
+        pair.lift_expired(model, unbans, now);
+        pair.bans.record(outcome, policy, now)
     }
 
     /// Records a request the shared backend admitted (this replica's view, for `/health`,
@@ -316,16 +322,20 @@ impl CredState {
     pub fn usage(&self, now: Instant) -> CredUsage {
         let mut inner = self.inner.lock();
         let inner = &mut *inner;
+        let unbans = &mut inner.unbans;
         let mut pairs: Vec<PairUsage> = inner
             .pairs
             .iter_mut()
-            .map(|(model, p)| PairUsage {
-                model: model.to_string(),
-                rpm: p.rpm.sum(now),
-                tpm: p.tpm.sum(now),
-                ban: p.bans.active(now).cloned(),
-                strikes: p.bans.strikes.clone(),
-                last_error: p.bans.last_error,
+            .map(|(model, p)| {
+                p.lift_expired(model, unbans, now);
+                PairUsage {
+                    model: model.to_string(),
+                    rpm: p.rpm.sum(now),
+                    tpm: p.tpm.sum(now),
+                    ban: p.bans.ban.clone(),
+                    strikes: p.bans.strikes.clone(),
+                    last_error: p.bans.last_error,
+                }
             })
             .collect();
         pairs.sort_by(|a, b| a.model.cmp(&b.model));
@@ -351,9 +361,16 @@ pub fn retry_after_secs(at: Instant, now: Instant) -> u64 {
     (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
-/// Parses an upstream `Retry-After` given in seconds (the HTTP-date form is ignored).
+/// The longest cool-down an upstream's `Retry-After` can ask for. A far-off or bogus value
+/// must not park a key for days (or overflow the clock); a key still out of quota after an
+/// hour costs one more 429 an hour.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Parses an upstream `Retry-After` given in seconds (the HTTP-date form is ignored), at most
+/// [`MAX_RETRY_AFTER`].
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    let secs = value.trim().parse::<u64>().ok()?;
+    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
 }
 
 #[cfg(test)]
@@ -407,6 +424,62 @@ mod tests {
             Admission::Admitted,
             "pairs are separate"
         );
+    }
+
+    #[test]
+    fn an_expired_ban_is_counted_once_by_whoever_sees_it_first() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(2);
+        let ban = || Ban {
+            code: 401,
+            until: Some(t0 + Duration::from_secs(1)),
+        };
+        let unbans = |s: &CredState| {
+            s.take_unbans()
+                .iter()
+                .map(|m| m.to_string())
+                .collect::<Vec<_>>()
+        };
+        // Seen by a reader of the state (`/health`, `/admin/state`, a scrape) first…
+        let s = CredState::default();
+        s.mirror_ban("m", Some(401), Some(ban()));
+        assert!(s.usage(t0).pairs[0].ban.is_some());
+        assert!(unbans(&s).is_empty());
+        assert!(s.usage(later).pairs[0].ban.is_none());
+        assert_eq!(
+            s.admit("m", &SlotLimits::default(), later),
+            Admission::Admitted
+        );
+        assert_eq!(unbans(&s), ["m"], "counted by the reader, and only once");
+        // …by a request…
+        s.mirror_ban(
+            "m",
+            Some(401),
+            Some(Ban {
+                until: Some(later + Duration::from_secs(1)),
+                ..ban()
+            }),
+        );
+        let after = later + Duration::from_secs(2);
+        assert_eq!(
+            s.admit("m", &SlotLimits::default(), after),
+            Admission::Admitted
+        );
+        assert!(s.usage(after).pairs[0].ban.is_none());
+        assert_eq!(unbans(&s), ["m"]);
+        // …or by an outcome.
+        let s = CredState::default();
+        s.mirror_ban("m", Some(401), Some(ban()));
+        let ok = fail2ban::Outcome {
+            status: 200,
+            retry_after: None,
+            counts: true,
+        };
+        assert_eq!(
+            s.record_outcome("m", ok, &fail2ban::Policy::compile(None), later),
+            None
+        );
+        assert_eq!(unbans(&s), ["m"]);
     }
 
     #[test]
@@ -473,6 +546,18 @@ mod tests {
                 model_tpm: Limit::PerMinute(1000),
             }
         );
+    }
+
+    #[test]
+    fn an_upstream_retry_after_is_seconds_up_to_an_hour() {
+        assert_eq!(parse_retry_after(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("3601"), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            parse_retry_after(&u64::MAX.to_string()),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after("-1"), None);
     }
 
     #[test]

@@ -91,6 +91,8 @@ enum Connection {
 /// One candidate of a request, as [`ADMIT`] sees it.
 pub struct Candidate<'a> {
     pub credential: &'a str,
+    /// [`crate::runtime::ban_scope`]: bans and strikes are kept per key, windows per name.
+    pub ban_scope: &'a str,
     pub limits: SlotLimits,
 }
 
@@ -278,11 +280,11 @@ impl SharedLimits {
         )
     }
 
-    /// [`OUTCOME`]'s keys: the pair's ban and strikes.
-    fn outcome_keys(&self, credential: &str, model: &str) -> [String; 2] {
+    /// [`OUTCOME`]'s keys: the pair's ban and strikes, under the credential's ban scope.
+    fn outcome_keys(&self, ban_scope: &str, model: &str) -> [String; 2] {
         [
-            self.pair_key(credential, model, "ban"),
-            self.pair_key(credential, model, "strikes"),
+            self.pair_key(ban_scope, model, "ban"),
+            self.pair_key(ban_scope, model, "strikes"),
         ]
     }
 
@@ -305,7 +307,7 @@ impl SharedLimits {
             keys.push(self.pair_key(c.credential, model, "rpm"));
             keys.push(self.pair_key(c.credential, model, "tpm"));
             keys.push(self.pair_key(c.credential, model, "tpm:sum"));
-            keys.extend(self.outcome_keys(c.credential, model));
+            keys.extend(self.outcome_keys(c.ban_scope, model));
             for l in [
                 c.limits.rpm,
                 c.limits.tpm,
@@ -367,7 +369,7 @@ impl SharedLimits {
     /// success against their failures exactly.)
     pub fn record_success_in_background(
         self: &Arc<Self>,
-        credential: Arc<str>,
+        ban_scope: Arc<str>,
         model: Arc<str>,
         strikes: bool,
     ) {
@@ -376,7 +378,7 @@ impl SharedLimits {
         }
         let this = self.clone();
         tokio::spawn(async move {
-            let keys = this.outcome_keys(&credential, &model);
+            let keys = this.outcome_keys(&ban_scope, &model);
             let args = [200, OUTCOME_SUCCESS, 0, 0, 0];
             let _ = this.run::<i64>(&this.outcome, &keys, &args).await;
         });
@@ -385,12 +387,12 @@ impl SharedLimits {
     /// Feeds one outcome to the shared fail2ban state; returns the ban it caused.
     pub async fn record_outcome(
         &self,
-        credential: &str,
+        ban_scope: &str,
         model: &str,
         outcome: Outcome,
         policy: &Policy,
     ) -> Result<Option<Ban>, String> {
-        let keys = self.outcome_keys(credential, model);
+        let keys = self.outcome_keys(ban_scope, model);
         let success = (200..300).contains(&outcome.status);
         let rule = policy.rule(outcome.status).filter(|_| outcome.counts);
         let (kind, threshold, duration_ms) = match rule {

@@ -203,6 +203,7 @@ mod tests {
             authorization: None,
             mock: None,
             state: Arc::default(),
+            ban_scope: Arc::from("c#0"),
             base: BaseUrl::parse(kind, base),
             http_version: crate::config::HttpVersion::Auto,
         }

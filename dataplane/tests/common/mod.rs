@@ -959,6 +959,9 @@ pub enum Reply {
         events: Vec<String>,
         interval: Duration,
     },
+    /// 200 `application/json` whose body comes in two halves `interval` apart (an answer
+    /// still being written when the reader goes away; counted like a stream).
+    SlowJson { body: String, interval: Duration },
     /// Wait, then send the inner reply.
     Delay(Duration, Box<Reply>),
     /// Close the connection without answering.
@@ -1392,6 +1395,15 @@ async fn handle(
         Reply::StreamCut { events, interval } => {
             Ok(stream_response(state, 200, events, interval, true))
         }
+        Reply::SlowJson { body, interval } => {
+            let half = body.len() / 2;
+            let pieces = vec![
+                Bytes::copy_from_slice(&body.as_bytes()[..half]),
+                Bytes::copy_from_slice(&body.as_bytes()[half..]),
+            ];
+            let content_type = "application/json";
+            Ok(trickle(state, 200, content_type, pieces, interval, false))
+        }
         Reply::Hangup => Err(io::Error::other("mock: hang up")),
         Reply::Delay(..) => Err(io::Error::other("mock: too many nested delays")),
     }
@@ -1404,6 +1416,22 @@ fn stream_response(
     interval: Duration,
     cut: bool,
 ) -> Response<MockBody> {
+    let pieces = events
+        .into_iter()
+        .map(|ev| Bytes::from(format!("data: {ev}\n\n")))
+        .collect();
+    trickle(state, status, "text/event-stream", pieces, interval, cut)
+}
+
+/// A body written piece by piece, `interval` apart, counted in the mock's stream counters.
+fn trickle(
+    state: Arc<MockState>,
+    status: u16,
+    content_type: &str,
+    pieces: Vec<Bytes>,
+    interval: Duration,
+    cut: bool,
+) -> Response<MockBody> {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, io::Error>>(1);
     state.inner.lock().streams_started += 1;
     tokio::spawn(async move {
@@ -1411,14 +1439,14 @@ fn stream_response(
             state.inner.lock().streams_aborted += 1;
             state.notify.notify_waiters();
         };
-        for (i, ev) in events.into_iter().enumerate() {
+        for (i, piece) in pieces.into_iter().enumerate() {
             if i > 0 {
                 tokio::select! {
                     _ = tokio::time::sleep(interval) => {}
                     _ = tx.closed() => { aborted(&state); return; }
                 }
             }
-            let frame = Frame::data(Bytes::from(format!("data: {ev}\n\n")));
+            let frame = Frame::data(piece);
             if tx.send(Ok(frame)).await.is_err() {
                 aborted(&state);
                 return;
@@ -1437,7 +1465,7 @@ fn stream_response(
     });
     Response::builder()
         .status(status)
-        .header("content-type", "text/event-stream")
+        .header("content-type", content_type)
         .header("cache-control", "no-cache")
         .body(ChannelBody(rx).boxed())
         .expect("stream response")
