@@ -28,13 +28,6 @@ use crate::{
     proxy,
 };
 
-/// How long a new connection may stay silent before its first byte (slow-loris protection).
-/// After that, `server.idle_timeout` bounds both the wait between requests on a keep-alive
-/// HTTP/1.1 connection and the time a request head may take to arrive: hyper has one timer
-/// for the two. (Kept above a load balancer's own idle timeout — 60 s for nginx and AWS ALB —
-/// so it is the balancer that closes an idle connection, never us under a request it sends.)
-const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// The HTTP/2 connection preface (RFC 9113 §3.4) an h2c client opens with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -63,16 +56,23 @@ fn detect(first: &[u8]) -> Detected {
 }
 
 /// The connection builders, configured once per listener.
+///
+/// `server.idle_timeout` bounds how long a client connection may be idle: before its first
+/// byte, between requests on a keep-alive HTTP/1.1 connection, and while a request head
+/// arrives (hyper has one timer for the last two), which also bounds a slow-loris client. It
+/// should exceed a load balancer's own idle timeout (60 s for nginx and AWS ALB; the default
+/// is 120 s), so that it is the balancer that closes an idle connection, never the router
+/// while the balancer sends a request into it.
 struct Protocols {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     /// For a connection whose first bytes are a strict prefix of the preface: it reads until
     /// it can tell (rare: clients send the whole preface at once).
     auto: auto::Builder<TokioExecutor>,
+    idle: Duration,
 }
 
 impl Protocols {
-    /// `idle`: `server.idle_timeout`, see [`FIRST_BYTE_TIMEOUT`].
     fn new(idle: Duration) -> Protocols {
         let mut http1 = http1::Builder::new();
         http1
@@ -87,7 +87,12 @@ impl Protocols {
             .keep_alive(true)
             .header_read_timeout(idle);
         auto.http2().timer(TokioTimer::new());
-        Protocols { http1, http2, auto }
+        Protocols {
+            http1,
+            http2,
+            auto,
+            idle,
+        }
     }
 
     /// Serves one connection to its end (or until shutdown has drained it).
@@ -99,13 +104,13 @@ impl Protocols {
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let mut first = [0u8; H2_PREFACE.len()];
         let peeked = tokio::select! {
-            peeked = tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut first)) => peeked,
+            peeked = tokio::time::timeout(self.idle, stream.peek(&mut first)) => peeked,
             // Shutting down before the first byte: nothing to finish.
             () = watch.draining() => return Ok(()),
         };
         let n = match peeked {
             Ok(read) => read?,
-            Err(_) => return Err("no byte within the first-byte timeout".into()),
+            Err(_) => return Err("no request within idle_timeout".into()),
         };
         let io = TokioIo::new(stream);
         match detect(&first[..n]) {

@@ -99,7 +99,7 @@ async fn health_on(sock: &mut tokio::net::TcpStream) -> bool {
     answer.is_some_and(|(head, _)| head.starts_with("http/1.1 200"))
 }
 
-/// `server.idle_timeout` is how long a keep-alive connection may wait for its next request.
+/// `server.idle_timeout` is how long a client connection may wait for its first or next request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_connection_is_closed_after_idle_timeout() {
     use std::time::{Duration, Instant};
@@ -123,5 +123,18 @@ async fn a_keep_alive_connection_is_closed_after_idle_timeout() {
     assert!(
         (Duration::from_millis(1800)..Duration::from_secs(5)).contains(&idle),
         "closed after {idle:?} idle, idle_timeout is 2 s"
+    );
+
+    // A connection that never sends a request gets the same time.
+    let silent_from = Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", router.port))
+        .await
+        .unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut byte)).await;
+    assert_eq!(read.expect("closed within 10 s").unwrap_or(0), 0);
+    let idle = silent_from.elapsed();
+    assert!(
+        (Duration::from_millis(1800)..Duration::from_secs(5)).contains(&idle),
+        "a silent connection closed after {idle:?}, idle_timeout is 2 s"
     );
 }

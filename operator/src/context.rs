@@ -95,13 +95,19 @@ impl Context {
         let mut failures = self.failures.lock();
         let n = failures.entry(key).or_insert(0);
         *n = n.saturating_add(1);
-        Duration::from_secs(1u64 << (*n - 1).min(8)).min(Duration::from_secs(300))
+        backoff_delay(*n)
     }
 
     /// Forgets `key`'s failures after a success.
     pub fn succeeded(&self, key: &str) {
         self.failures.lock().remove(key);
     }
+}
+
+/// The wait after the `failures`-th failure in a row: 1 s, doubling, at most 5 min.
+fn backoff_delay(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(9);
+    Duration::from_secs(1 << doublings).min(Duration::from_secs(300))
 }
 
 fn truncate(mut text: String, max: usize) -> String {
@@ -118,4 +124,16 @@ fn truncate(mut text: String, max: usize) -> String {
 /// Now, as the RFC 3339 text conditions carry.
 pub fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_a_second_to_five_minutes() {
+        let secs: Vec<u64> = (1..=12).map(|n| backoff_delay(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(backoff_delay(u32::MAX).as_secs(), 300);
+    }
 }

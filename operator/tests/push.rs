@@ -86,6 +86,13 @@ async fn pushes_reach_every_pod_and_report_per_pod() {
             "{report:?}"
         );
     }
+    let failure = report.first_failure().unwrap();
+    for field in ["server.port", "server.master_key", "credentials"] {
+        assert!(
+            failure.contains(&format!("{field}: ")),
+            "names {field}: {failure}"
+        );
+    }
     assert_eq!(app_a.current().hash, want);
 
     // A wrong token is refused and changes nothing.

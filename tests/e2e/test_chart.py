@@ -79,6 +79,8 @@ def test_lint_and_template_are_clean(helm):
     ("operator.pushTimeout=soon", "pushTimeout"),
     ("image.pullPolicy=Sometimes", "pullPolicy"),
     ("replicas=3", "replicas"),
+    # Two operators without leader election would both write every object.
+    ("operator.leaderElection.enabled=false", "replicaCount"),
 ])
 def test_a_wrong_value_is_refused_at_install(helm, value, words):
     out = helm("install", "bad", str(CHART), "-n", "default", "--dry-run=client", "--set", value, check=False)

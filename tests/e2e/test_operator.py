@@ -219,6 +219,32 @@ def test_a_missing_secret_leaves_the_credential_out_and_the_rest_serving(env):
     wait_ready(cp, "credential", "orphan", ns)
     wait_for("orphan in the pod's config",
              lambda: [c["name"] for c in pod.admin("/admin/state", token)["credentials"]] == ["good", "orphan"])
+
+    # Credentials the schema lets through but the data plane would refuse (a query string in
+    # baseUrl), or that would proxy back to their own pool, are left out too and say why on
+    # themselves; the config the pods get stays one they accept.
+    cp.apply(f"""
+apiVersion: airouter.dev/v1alpha1
+kind: Credential
+metadata: {{name: queried, namespace: {ns}, labels: {{pool: p}}}}
+spec: {{type: openai, baseUrl: "{mock.url}/v1?x=1", apiKeySecretRef: {{name: key-good, key: key}}}}
+---
+apiVersion: airouter.dev/v1alpha1
+kind: Credential
+metadata: {{name: loop, namespace: {ns}, labels: {{pool: p}}}}
+spec: {{type: proxy, proxy: {{routerPoolRef: {{name: p}}}}}}
+""")
+    for name, says in (("queried", "spec.baseUrl: base_url must not have a query string"),
+                       ("loop", "cannot fall back to itself")):
+        c = wait_for(f"{name} Ready=False", lambda: (c := cp.condition("credential", name, ns, "Ready"))
+                     and c["status"] == "False" and c)
+        assert c["reason"] == "Invalid" and says in c["message"], c
+        wait_for(f"the pool names {name}",
+                 lambda: f"Credential {name} (Invalid)" in cp.condition("routerpool", "p", ns, "Ready")["message"])
+    wait_ready(cp, "routerpool", "p", ns)
+    assert [c["name"] for c in pod.admin("/admin/state", token)["credentials"]] == ["good", "orphan"]
+    code, _ = chat(pod, f"sk-master-{ns}")
+    assert code == 200
     kubelet.stop_pod(pod)
 
 
@@ -396,6 +422,22 @@ def test_a_pod_that_starts_on_a_stale_config_is_brought_up_to_date(env):
     assert (state_of(first, token, "c1") or {}).get("rpm", {}).get("limit") == 750, "the live pod got it"
     for pod in (first, second):
         kubelet.stop_pod(pod)
+
+
+def test_an_admin_token_emptied_by_hand_is_put_back(env):
+    """The `<pool>-admin` Secret is the operator's: a token removed from it by hand comes back
+    as the one the pods were pushed with, so pushes keep working."""
+    cp, mock, kubelet = env.cp, env.mock, env.kubelet
+    ns = cp.new_namespace("token")
+    cp.apply(simple_pool(ns, mock.url, replicas=1, credentials={"c1": {}}))
+    [pod] = kubelet.run_deployment(ns, "p")
+    wait_ready(cp, "routerpool", "p", ns)
+    token = admin_token(cp, ns, "p")
+    cp.kubectl("patch", "secret", "p-admin", "-n", ns, "--type=merge", "-p", json.dumps({"data": {"token": ""}}))
+    wait_for("the token put back", lambda: admin_token(cp, ns, "p") == token)
+    cp.kubectl("patch", "credential", "c1", "-n", ns, "--type=merge", "-p", json.dumps({"spec": {"rpm": 1200}}))
+    wait_for("a push with it", lambda: (state_of(pod, token, "c1") or {}).get("rpm", {}).get("limit") == 1200)
+    kubelet.stop_pod(pod)
 
 
 def test_bad_specs_get_a_condition_not_a_crash(env):

@@ -9,6 +9,8 @@
 pub mod duration;
 mod parse;
 
+pub use parse::base_url;
+
 use std::{collections::BTreeMap, fmt, time::Duration};
 
 use serde::{Serialize, Serializer};

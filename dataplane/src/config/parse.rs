@@ -992,37 +992,13 @@ impl Parser<'_> {
             }
             return None;
         };
-        let uri: http::Uri = match raw.parse() {
-            Ok(u) => u,
-            Err(e) => {
-                let shown = without_userinfo(&raw);
-                self.error(field, format!("invalid base_url {shown:?}: {e}"));
-                return None;
-            }
-        };
-        match uri.scheme_str() {
-            Some("http") | Some("https") => {}
-            other => {
-                self.error(
-                    field,
-                    format!(
-                        "base_url must use http or https scheme, got: {}",
-                        other.unwrap_or("none")
-                    ),
-                );
-                return None;
+        match base_url(&raw) {
+            Ok(url) => Some(url),
+            Err(message) => {
+                self.error(field, message);
+                None
             }
         }
-        if uri.host().is_none_or(str::is_empty) {
-            self.error(field, "base_url must have a host");
-            return None;
-        }
-        if uri.query().is_some() {
-            self.error(field, "base_url must not have a query string");
-            return None;
-        }
-        let trimmed = raw.trim_end_matches('/');
-        Some(trimmed.strip_suffix("/v1").unwrap_or(trimmed).to_owned())
     }
 
     fn mock(&mut self, v: Option<&Value>, f: &str) -> MockConfig {
@@ -1184,6 +1160,32 @@ fn join(parent: &str, key: &str) -> String {
     } else {
         format!("{parent}.{key}")
     }
+}
+
+/// A credential's `base_url` as the router uses it (without a trailing `/` and `/v1`), or why
+/// it cannot be one; the message never shows the URL's user-info.
+pub fn base_url(raw: &str) -> Result<String, String> {
+    let uri: http::Uri = raw.parse().map_err(|e| {
+        let shown = without_userinfo(raw);
+        format!("invalid base_url {shown:?}: {e}")
+    })?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        other => {
+            return Err(format!(
+                "base_url must use http or https scheme, got: {}",
+                other.unwrap_or("none")
+            ))
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("base_url must have a host".into());
+    }
+    if uri.query().is_some() {
+        return Err("base_url must not have a query string".into());
+    }
+    let trimmed = raw.trim_end_matches('/');
+    Ok(trimmed.strip_suffix("/v1").unwrap_or(trimmed).to_owned())
 }
 
 /// `url` with its user-info (`user:password@`) shown as `***@`: a URL that does not parse

@@ -180,35 +180,43 @@ pub async fn poll(client: &PushClient, pools: &[PoolPods], timeout: Duration) ->
     reading
 }
 
-/// The latest live state per (namespace, Credential name).
+/// How many polls in a row a Credential unseen in a `partial` namespace keeps its last state.
+const KEPT_POLLS: u32 = 3;
+
+/// The latest live state per (namespace, Credential name), with how many polls in a row it
+/// has been kept without being seen.
 #[derive(Default)]
-pub struct LiveIndex(Mutex<HashMap<(String, String), LiveState>>);
+pub struct LiveIndex(Mutex<HashMap<(String, String), (LiveState, u32)>>);
 
 impl LiveIndex {
     pub fn get(&self, namespace: &str, name: &str) -> Option<LiveState> {
         self.0
             .lock()
             .get(&(namespace.to_owned(), name.to_owned()))
-            .cloned()
+            .map(|(live, _)| live.clone())
     }
 
-    /// Replaces the index with `next`, except that a Credential of a `partial` namespace that
-    /// `next` lacks keeps its last state (a pod that missed one poll must not blank it, and
-    /// write status twice). Returns the keys whose state changed (appeared, moved, vanished).
+    /// Replaces the index with `next`, except that a Credential of a `partial` namespace (a
+    /// pod there did not answer) that `next` lacks keeps its last state for up to
+    /// [`KEPT_POLLS`] polls: a pod that missed a poll must not blank it (and write status
+    /// twice), but one that stays silent — or a Credential no pool serves any more — must not
+    /// keep showing a ban for ever. Returns the keys whose state changed (appeared, moved,
+    /// vanished).
     pub fn replace(
         &self,
-        mut next: HashMap<(String, String), LiveState>,
+        next: HashMap<(String, String), LiveState>,
         partial: &BTreeSet<String>,
     ) -> Vec<(String, String)> {
         let mut current = self.0.lock();
-        for (key, live) in current.iter() {
-            if partial.contains(&key.0) && !next.contains_key(key) {
-                next.insert(key.clone(), live.clone());
+        let mut next: HashMap<_, _> = next.into_iter().map(|(k, v)| (k, (v, 0))).collect();
+        for (key, (live, kept)) in current.iter() {
+            if partial.contains(&key.0) && !next.contains_key(key) && *kept < KEPT_POLLS {
+                next.insert(key.clone(), (live.clone(), kept + 1));
             }
         }
         let mut changed: Vec<(String, String)> = next
             .iter()
-            .filter(|(k, v)| current.get(*k) != Some(*v))
+            .filter(|(k, (v, _))| current.get(*k).map(|(live, _)| live) != Some(v))
             .map(|(k, _)| k.clone())
             .collect();
         changed.extend(current.keys().filter(|k| !next.contains_key(*k)).cloned());
@@ -288,5 +296,33 @@ mod tests {
             std::slice::from_ref(&key)
         );
         assert_eq!(index.get("ai", "k1"), None);
+    }
+
+    #[test]
+    fn an_unseen_state_is_kept_for_a_few_partial_polls_only() {
+        let index = LiveIndex::default();
+        let key = ("ai".to_owned(), "k1".to_owned());
+        let banned = LiveState {
+            banned: true,
+            ..Default::default()
+        };
+        let partial = BTreeSet::from(["ai".to_owned()]);
+        index.replace(HashMap::from([(key.clone(), banned.clone())]), &partial);
+        for poll in 1..=KEPT_POLLS {
+            assert!(
+                index.replace(HashMap::new(), &partial).is_empty(),
+                "poll {poll}"
+            );
+            assert_eq!(index.get("ai", "k1"), Some(banned.clone()), "poll {poll}");
+        }
+        assert_eq!(
+            index.replace(HashMap::new(), &partial),
+            std::slice::from_ref(&key),
+            "a pod silent for {KEPT_POLLS} polls no longer holds the ban up"
+        );
+        assert_eq!(index.get("ai", "k1"), None);
+        // Seen again: counted afresh.
+        index.replace(HashMap::from([(key.clone(), banned.clone())]), &partial);
+        assert!(index.replace(HashMap::new(), &partial).is_empty());
     }
 }

@@ -33,6 +33,9 @@ use crate::{
 
 pub const CONTROLLER: &str = "routerpool";
 
+/// The shortest wait before pushing again to a pod that missed a push.
+const PUSH_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What the resolve step found for one pool: the hand-off to [`render::render_config`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct Resolved {
@@ -128,12 +131,19 @@ pub async fn reconcile(obj: Arc<Pool>, ctx: Arc<Context>) -> Result<Action> {
             return Err(e);
         }
     };
+    // A pod that missed the push is pushed again: soon at first, then backing off (5 s
+    // doubling to 5 min) while it keeps missing it — unreachable behind a NetworkPolicy, or
+    // refusing the document — instead of re-reading every Secret every 5 s for ever.
+    let push_key = format!("push/{namespace}/{name}");
     let (action, result) = match &pushed {
-        // A pod that missed the push is retried soon (it also reads the Secret).
         Ok(p) if p.report.synced(&p.hash) < ready_pods.len() => {
-            (Action::requeue(std::time::Duration::from_secs(5)), "ok")
+            let retry = ctx.backoff(push_key).max(PUSH_RETRY);
+            (Action::requeue(retry), "ok")
         }
-        Ok(_) => (Action::requeue(ctx.settings.resync), "ok"),
+        Ok(_) => {
+            ctx.succeeded(&push_key);
+            (Action::requeue(ctx.settings.resync), "ok")
+        }
         Err(_) => (Action::await_change(), "user_error"),
     };
     let config = match &pushed {
@@ -173,17 +183,18 @@ async fn sync(
     namespace: &str,
     ready_pods: &[push::PodTarget],
 ) -> Result<Pushed> {
-    let resolution = resolve::resolve(&ctx.client, pool, &ctx.credentials, &ctx.pools).await?;
+    let pool_ref = kube::runtime::reflector::ObjectRef::new(&pool.name_any()).within(namespace);
+    let remembered = ctx.admin_tokens.lock().get(&pool_ref).cloned();
+    let resolution =
+        resolve::resolve(&ctx.client, pool, &ctx.credentials, &ctx.pools, remembered).await?;
     let config = render::render_config(&pool.spec, &resolution.resolved)?;
     let trusted_ca = resolution.resolved.trusted_ca_hash.as_deref();
     let desired = desired::desired_state(pool, &config, trusted_ca, &ctx.settings.defaults)?;
+    render::check_document(desired.config_document(), desired.config_hash())?;
     apply::apply(&ctx.client, namespace, &desired).await?;
     let (document, hash) = (desired.config_document(), desired.config_hash().to_owned());
     let token = resolution.resolved.admin_token;
-    ctx.admin_tokens.lock().insert(
-        kube::runtime::reflector::ObjectRef::new(&pool.name_any()).within(namespace),
-        token.clone(),
-    );
+    ctx.admin_tokens.lock().insert(pool_ref, token.clone());
 
     let started = Instant::now();
     let report = push::push(

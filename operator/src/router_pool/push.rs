@@ -76,14 +76,37 @@ struct Applied {
     hash: String,
 }
 
+/// A pod's refusal: its message, and for a refused document every problem with its field.
 #[derive(Deserialize)]
 struct Refusal {
     error: RefusalError,
+    #[serde(default)]
+    problems: Vec<RefusedField>,
 }
 
 #[derive(Deserialize)]
 struct RefusalError {
     message: String,
+}
+
+#[derive(Deserialize)]
+struct RefusedField {
+    field: String,
+    message: String,
+}
+
+impl Refusal {
+    /// The message, then each problem as `field: message` (the pod's parser never shows a
+    /// secret in them).
+    fn describe(self) -> String {
+        let fields: Vec<String> = (self.problems.iter())
+            .map(|p| format!("{}: {}", p.field, p.message))
+            .collect();
+        match fields.is_empty() {
+            true => self.error.message,
+            false => format!("{} — {}", self.error.message, fields.join("; ")),
+        }
+    }
 }
 
 /// Pushes `document` to every pod concurrently.
@@ -150,7 +173,7 @@ async fn push_one(
         Ok(Ok((status, body))) => PodOutcome::Rejected {
             status: status.as_u16(),
             message: serde_json::from_slice::<Refusal>(&body)
-                .map(|r| r.error.message)
+                .map(Refusal::describe)
                 .unwrap_or_else(|_| {
                     String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()
                 }),

@@ -35,6 +35,9 @@ pub enum RenderError {
         field: &'static str,
         message: String,
     },
+    /// The rendered document, as a pod would read it, is refused or read differently.
+    #[error("the rendered config is not applied: {0}")]
+    Document(String),
 }
 
 impl RenderError {
@@ -42,8 +45,25 @@ impl RenderError {
         match self {
             RenderError::Credential { .. } => "InvalidCredential",
             RenderError::Pool { .. } => "InvalidSpec",
+            RenderError::Document(_) => "InvalidConfig",
         }
     }
+}
+
+/// Reads `document` the way a pod will (the data plane's parser): a document it would refuse
+/// is not applied — running pods would refuse the push, and a pod that restarts would refuse
+/// to start — and one it would read as another config than `hash` would never report synced.
+/// The last applied config keeps serving. (The parser's messages never show a secret.)
+pub fn check_document(document: &str, hash: &str) -> Result<(), RenderError> {
+    let loaded = RouterConfig::from_yaml(document, &|_| None)
+        .map_err(|e| RenderError::Document(e.to_string()))?;
+    let read = loaded.config.hash();
+    if read != hash {
+        return Err(RenderError::Document(format!(
+            "the data plane reads it as config {read}, not {hash}"
+        )));
+    }
+    Ok(())
 }
 
 /// Renders the router config for a pool of `spec.replicas` pods.
@@ -89,7 +109,11 @@ pub fn render_config(
         for m in cred.spec.models.iter().flatten() {
             models.push(ModelConfig {
                 name: m.name.clone(),
-                model: m.model.clone().filter(|real| real != &m.name),
+                // Empty: none (the data plane reads `model: ''` as no real name).
+                model: m
+                    .model
+                    .clone()
+                    .filter(|real| real != &m.name && !real.is_empty()),
                 credential: Some(cred.name.clone()),
                 rpm: m.rpm.map(|n| share.of(limit(n))),
                 tpm: m.tpm.map(|n| share.of(limit(n))),
@@ -243,7 +267,10 @@ fn credential(cred: &ResolvedCredential, share: Share) -> Result<CredentialConfi
         CredentialType::Proxy => DpType::Proxy,
     };
     let (base_url, api_key) = match (&spec.base_url, &cred.proxy_target) {
-        (Some(url), _) => (url.trim_end_matches('/').to_owned(), cred.api_key.clone()),
+        (Some(url), _) => (
+            airouter::config::base_url(url).map_err(|m| fail(&m))?,
+            cred.api_key.clone(),
+        ),
         (None, Some(target)) => (
             target.url.clone(),
             Some(
@@ -341,6 +368,48 @@ mod tests {
             "tk",
             "a pool target is called with its master key"
         );
+    }
+
+    #[test]
+    fn a_document_the_data_plane_would_refuse_or_misread_is_not_applied() {
+        let check = |resolved: &Resolved| {
+            let mut resolved = resolved.clone();
+            resolved.credentials[0].api_key = Some("sk-test".into());
+            let doc = render_config(&pool(), &resolved).unwrap().to_yaml();
+            check_document(&doc, &airouter::config::document_hash(&doc))
+        };
+        let openai = serde_json::json!({"type": "openai", "baseUrl": "https://api.openai.com/v1"});
+        assert_eq!(check(&resolved(openai.clone(), false)), Ok(()));
+
+        // A Redis URL Secret the data plane refuses: named by its field, never echoed.
+        let mut redis = resolved(openai.clone(), false);
+        redis.shared_limits = Some(super::super::SharedLimits {
+            redis_url: "cache:hunter2@6379".into(),
+            key_prefix: "ns/pool".into(),
+            cluster: false,
+        });
+        let err = check(&redis).unwrap_err();
+        assert_eq!(err.reason(), "InvalidConfig");
+        assert!(err.to_string().contains("rate_limit.redis_url"), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+
+        // An empty real model name is rendered as none, as the data plane reads it: the hash
+        // a pod reports then equals the operator's.
+        let mut empty_model = openai;
+        empty_model["models"] = serde_json::json!([{"name": "gpt", "model": ""}]);
+        assert_eq!(check(&resolved(empty_model, false)), Ok(()));
+
+        let doc = render_config(
+            &pool(),
+            &resolved(
+                serde_json::json!({"type": "proxy", "baseUrl": "http://x"}),
+                false,
+            ),
+        )
+        .unwrap()
+        .to_yaml();
+        let err = check_document(&doc, "0000000000000000").unwrap_err();
+        assert!(err.to_string().contains("reads it as config"), "{err}");
     }
 
     #[test]

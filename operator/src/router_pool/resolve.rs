@@ -18,7 +18,7 @@ use k8s_openapi::{
     ByteString,
 };
 use kube::{
-    api::{Api, PostParams},
+    api::{Api, Patch, PatchParams, PostParams},
     core::{DeserializeGuard, ObjectMeta, Selector, SelectorExt},
     runtime::reflector::{ObjectRef, Store},
     Client, Resource, ResourceExt,
@@ -129,6 +129,14 @@ pub fn resolve_credential(
     let spec = &cred.spec;
     let name = cred.name_any();
     let namespace = cred.namespace().unwrap_or_default();
+    // The schema only checks the scheme; the data plane's own rule decides, so that a URL it
+    // would refuse leaves this Credential out instead of making pods refuse the whole config.
+    if let Some(url) = &spec.base_url {
+        airouter::config::base_url(url).map_err(|message| CredentialProblem {
+            reason: "Invalid",
+            message: format!("spec.baseUrl: {message}"),
+        })?;
+    }
     let api_key = spec
         .api_key_secret_ref
         .as_ref()
@@ -232,6 +240,7 @@ pub async fn resolve(
     pool: &RouterPool,
     credentials: &Store<DeserializeGuard<Credential>>,
     pools: &Store<DeserializeGuard<RouterPool>>,
+    remembered_token: Option<String>,
 ) -> Result<Resolution> {
     let namespace = pool.namespace().unwrap_or_default();
     let pool_name = pool.name_any();
@@ -246,7 +255,7 @@ pub async fn resolve(
     selected.sort_by_key(|c| c.name_any());
 
     let secrets_api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-    let admin_token = ensure_admin_token(&secrets_api, pool).await?;
+    let admin_token = ensure_admin_token(&secrets_api, pool, remembered_token).await?;
     let mut names = BTreeSet::from([pool.spec.master_key_secret_ref.name.clone()]);
     let redis_ref = pool
         .spec
@@ -391,7 +400,14 @@ pub fn admin_secret_name(pool: &str) -> String {
 }
 
 /// Reads the pool's admin token, creating the Secret (owned by the pool) the first time.
-async fn ensure_admin_token(api: &Api<Secret>, pool: &RouterPool) -> Result<String> {
+/// A Secret whose token was emptied or removed by hand gets `remembered` back (the token the
+/// pods were last pushed with), or a new one: pods read it from their mounted config within
+/// the kubelet's refresh.
+async fn ensure_admin_token(
+    api: &Api<Secret>,
+    pool: &RouterPool,
+    remembered: Option<String>,
+) -> Result<String> {
     let name = admin_secret_name(&pool.name_any());
     let existing = |s: &Secret| {
         s.data
@@ -400,17 +416,33 @@ async fn ensure_admin_token(api: &Api<Secret>, pool: &RouterPool) -> Result<Stri
             .and_then(|v| String::from_utf8(v.0.clone()).ok())
             .filter(|v| !v.is_empty())
     };
-    if let Some(token) = api.get_opt(&name).await?.as_ref().and_then(existing) {
+    let current = api.get_opt(&name).await?;
+    if let Some(token) = current.as_ref().and_then(existing) {
+        return Ok(token);
+    }
+    let token = remembered.unwrap_or_else(|| {
+        format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        )
+    });
+    let data = BTreeMap::from([(
+        ADMIN_TOKEN_KEY.to_owned(),
+        ByteString(token.clone().into_bytes()),
+    )]);
+    if current.is_some() {
+        let repair = Secret {
+            data: Some(data),
+            ..Default::default()
+        };
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&repair))
+            .await?;
         return Ok(token);
     }
     let owner = pool
         .controller_owner_ref(&())
         .ok_or(desired::MissingMetadata("uid"))?;
-    let token = format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    );
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.clone()),
@@ -419,10 +451,7 @@ async fn ensure_admin_token(api: &Api<Secret>, pool: &RouterPool) -> Result<Stri
             owner_references: Some(vec![owner]),
             ..Default::default()
         },
-        data: Some(BTreeMap::from([(
-            ADMIN_TOKEN_KEY.to_owned(),
-            ByteString(token.clone().into_bytes()),
-        )])),
+        data: Some(data),
         type_: Some("Opaque".into()),
         ..Default::default()
     };
@@ -536,6 +565,25 @@ mod tests {
             Some("sk-1"),
             "a trailing newline is trimmed"
         );
+    }
+
+    #[test]
+    fn a_base_url_the_data_plane_refuses_leaves_the_credential_out() {
+        let key = secrets(&[("k", &[("key", "sk-1")])]);
+        for (url, says) in [
+            ("https://", "invalid base_url"),
+            ("https://h/v1?x=1", "query string"),
+            ("https://u:pw word@h", "invalid base_url"),
+        ] {
+            let c = cred(
+                json!({"type": "openai", "baseUrl": url, "apiKeySecretRef": {"name": "k", "key": "key"}}),
+            );
+            let p = resolve_credential(&c, &key, &no_pools, None).unwrap_err();
+            assert_eq!(p.reason, "Invalid", "{url}");
+            assert!(p.message.starts_with("spec.baseUrl: "), "{}", p.message);
+            assert!(p.message.contains(says), "{url}: {}", p.message);
+            assert!(!p.message.contains("pw word"), "{}", p.message);
+        }
     }
 
     #[test]

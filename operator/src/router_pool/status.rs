@@ -205,8 +205,12 @@ pub fn events(old: Option<&RouterPoolStatus>, new: &RouterPoolStatus) -> Vec<Not
             ready.reason.as_str(),
             "InvalidSpec"
                 | "InvalidCredential"
+                | "InvalidConfig"
                 | "SecretNotFound"
                 | "SecretKeyMissing"
+                | "ConfigMapNotFound"
+                | "ConfigMapKeyMissing"
+                | "InvalidTrustedCA"
                 | "Malformed"
         );
         if user_error
@@ -365,6 +369,24 @@ mod tests {
             (notes[0].type_, notes[0].reason.as_str()),
             (EventType::Warning, "SecretNotFound")
         );
+        // Every reason a user has to fix is published, trusted CA and config included.
+        for reason in [
+            "ConfigMapNotFound",
+            "ConfigMapKeyMissing",
+            "InvalidTrustedCA",
+            "InvalidConfig",
+        ] {
+            let refused = Observed {
+                ready_replicas: 1,
+                config: Err(Refused {
+                    reason,
+                    message: "why".into(),
+                }),
+            };
+            let s = build_status(&p, &refused, "t2");
+            let notes = events(p.status.as_ref(), &s);
+            assert_eq!(notes[0].reason, reason, "{notes:?}");
+        }
     }
 
     #[test]
