@@ -51,10 +51,15 @@ pub enum ProxyError {
     InvalidKey,
     #[error("Failed to read request body")]
     BodyRead,
+    #[error("Request Timeout: the request body stalled for {secs} s (server.idle_timeout)")]
+    BodyStalled { secs: u64 },
     #[error("Request Entity Too Large")]
     BodyTooLarge { limit_mb: u64 },
     #[error("model field is required")]
     ModelRequired,
+    /// The body must be rewritten before it is forwarded and cannot be read for that.
+    #[error("{0}")]
+    Unreadable(String),
     #[error("model {model:?} is not served by any credential{}", unsupported_note(.unsupported))]
     ModelNotFound {
         model: String,
@@ -114,13 +119,17 @@ impl ProxyError {
             ProxyError::MissingAuth | ProxyError::BadAuthFormat | ProxyError::InvalidKey => {
                 StatusCode::UNAUTHORIZED
             }
-            ProxyError::BodyRead | ProxyError::ModelRequired => StatusCode::BAD_REQUEST,
+            ProxyError::BodyRead | ProxyError::ModelRequired | ProxyError::Unreadable(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ModelNotFound { .. } | ProxyError::NotFound => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Exhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::LoopDetected { .. } => StatusCode::LOOP_DETECTED,
-            ProxyError::Upstream(TransportError::Timeout) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::Upstream(TransportError::Timeout) | ProxyError::BodyStalled { .. } => {
+                StatusCode::REQUEST_TIMEOUT
+            }
             ProxyError::Upstream(TransportError::Connect | TransportError::Body) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -143,7 +152,9 @@ impl ProxyError {
             ProxyError::MissingAuth
             | ProxyError::BadAuthFormat
             | ProxyError::BodyRead
+            | ProxyError::BodyStalled { .. }
             | ProxyError::ModelRequired
+            | ProxyError::Unreadable(_)
             | ProxyError::Upstream(_)
             | ProxyError::NotFound
             | ProxyError::MethodNotAllowed => None,
@@ -172,8 +183,10 @@ impl ProxyError {
             ProxyError::BadAuthFormat => "BadAuthFormat",
             ProxyError::InvalidKey => "InvalidKey",
             ProxyError::BodyRead => "BodyRead",
+            ProxyError::BodyStalled { .. } => "BodyStalled",
             ProxyError::BodyTooLarge { .. } => "BodyTooLarge",
             ProxyError::ModelRequired => "ModelRequired",
+            ProxyError::Unreadable(_) => "Unreadable",
             ProxyError::ModelNotFound { .. } => "ModelNotFound",
             ProxyError::Exhausted { .. } => "Exhausted",
             ProxyError::LoopDetected { .. } => "LoopDetected",

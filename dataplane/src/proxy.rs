@@ -172,13 +172,21 @@ async fn proxy(
         });
     }
     let (parts, body) = req.into_parts();
-    let body = read_body(&parts.headers, body, rt.config.server.max_body_size_mb).await?;
+    let server = &rt.config.server;
+    let body = read_body(
+        &parts.headers,
+        body,
+        server.max_body_size_mb,
+        server.idle_timeout,
+    )
+    .await?;
     let probe = Probe::read(&body).ok_or(ProxyError::ModelRequired)?;
     let model_id = rt.resolve_alias(&probe.model);
     let route = resolve_route(app, rt, model_id)?;
     let upstream_model = rt.real_name(model_id).unwrap_or(model_id);
     let stream = probe.stream;
-    let rewritten = request::rewrite(body.clone(), &probe, upstream_model, model_id);
+    let rewritten = request::rewrite(body.clone(), &probe, upstream_model, model_id)
+        .map_err(ProxyError::Unreadable)?;
     let usage_requested = probe.include_usage || rewritten.injected_usage;
     let root = PathAndQuery::from_static("/");
     let path_and_query = parts.uri.path_and_query().unwrap_or(&root);
@@ -204,7 +212,8 @@ async fn proxy(
     let cursor = rt.cursor(model_id);
     let attempts = rt.config.server.max_provider_retries + 1;
     let mut tried = Tried::default();
-    let mut last: Option<Failure> = None;
+    // The failure to answer with when attempts run out, and whose it was.
+    let mut last: Option<(Failure, usize)> = None;
     for attempt in 0..attempts {
         let now = Instant::now();
         let query = Query {
@@ -265,15 +274,18 @@ async fn proxy(
                 }
                 return Ok(resp);
             }
-            Attempt::Retry(failure) => last = Some(failure),
+            // An upstream's own answer (its status, body, Retry-After) is what the client
+            // gets when attempts run out, even if a later attempt could not connect at all.
+            Attempt::Retry(Failure::Transport(_))
+                if matches!(last, Some((Failure::Response(_), _))) => {}
+            Attempt::Retry(failure) => last = Some((failure, pick.slot.cred)),
         }
     }
-    let last_cred: Arc<str> = tried
-        .as_slice()
-        .last()
-        .map(|&i| rt.credentials[i].name.clone())
+    let last_cred: Arc<str> = last
+        .as_ref()
+        .map(|&(_, i)| rt.credentials[i].name.clone())
         .unwrap_or_else(|| Arc::from("-"));
-    match last {
+    match last.map(|(failure, _)| failure) {
         Some(Failure::Response(resp)) => {
             let status = resp.status().as_u16();
             let elapsed = ctx.started.elapsed();
@@ -598,7 +610,7 @@ impl Forward<'_> {
             * MIB) as usize;
         // A body already read with the head is taken on the first poll, before the timer is
         // ever registered.
-        let collect = collect_limited(body, limit);
+        let collect = collect_limited(body, limit, None);
         let collected = match timeout {
             Some(t) => tokio::time::timeout(t, collect)
                 .await
@@ -619,6 +631,12 @@ impl Forward<'_> {
                 return self
                     .transport_failure(cred, pick, TransportError::Body, sent)
                     .await;
+            }
+            // (`Stalled` needs a stall allowance, which this call does not give.)
+            Ok(Err(CollectError::Stalled)) => {
+                return self
+                    .transport_failure(cred, pick, TransportError::Timeout, sent)
+                    .await
             }
             Err(t) => return self.transport_failure(cred, pick, t, sent).await,
         };
@@ -723,21 +741,39 @@ type UpstreamBody = Either<upstream::ResponseBody, RespBody>;
 /// Why [`collect_limited`] gave up.
 #[derive(Debug)]
 enum CollectError {
-    TooLarge { limit: usize },
+    TooLarge {
+        limit: usize,
+    },
     Body(BoxError),
+    /// No frame came for the whole `stall` allowance.
+    Stalled,
 }
 
 /// Buffers a body up to `limit` bytes. A body that arrives in one frame (the usual case) is
 /// returned as that frame, without copying. (Not `http_body_util::Limited` + `collect`: that
 /// buffers every frame in a list and then copies them, and its boxed error type trips a
 /// compiler limitation when proving this future `Send`.)
-async fn collect_limited<B>(mut body: B, limit: usize) -> Result<Bytes, CollectError>
+///
+/// `stall`: how long the body may go without a frame (`None`: no limit). A frame that is
+/// already there is taken before the timer is ever registered.
+async fn collect_limited<B>(
+    mut body: B,
+    limit: usize,
+    stall: Option<Duration>,
+) -> Result<Bytes, CollectError>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
     let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = match stall {
+            Some(stall) => tokio::time::timeout(stall, body.frame())
+                .await
+                .map_err(|_| CollectError::Stalled)?,
+            None => body.frame().await,
+        };
+        let Some(frame) = frame else { break };
         let frame = frame.map_err(|e| CollectError::Body(e.into()))?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
@@ -775,10 +811,13 @@ fn incoming_hops(headers: &HeaderMap) -> u32 {
         .unwrap_or(0)
 }
 
+/// The client's body, at most `limit_mb`; a body that stalls for `server.idle_timeout` is a
+/// 408 (a client that stopped sending, or vanished, must not hold its buffer for ever).
 async fn read_body(
     headers: &HeaderMap,
     body: Incoming,
     limit_mb: u64,
+    stall: Duration,
 ) -> Result<Bytes, ProxyError> {
     let limit = limit_mb * MIB;
     let declared = headers
@@ -788,10 +827,13 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(ProxyError::BodyTooLarge { limit_mb });
     }
-    match collect_limited(body, limit as usize).await {
+    match collect_limited(body, limit as usize, Some(stall)).await {
         Ok(bytes) => Ok(bytes),
         Err(CollectError::TooLarge { .. }) => Err(ProxyError::BodyTooLarge { limit_mb }),
         Err(CollectError::Body(_)) => Err(ProxyError::BodyRead),
+        Err(CollectError::Stalled) => Err(ProxyError::BodyStalled {
+            secs: stall.as_secs(),
+        }),
     }
 }
 

@@ -31,10 +31,16 @@ struct RawProbe<'a> {
     model: Option<Cow<'a, str>>,
     #[serde(borrow)]
     stream: Option<&'a RawValue>,
-    #[serde(borrow)]
+    /// Present as `null` too (`Some`): a key of any value is replaced, never added twice.
+    #[serde(borrow, default, deserialize_with = "present")]
     stream_options: Option<&'a RawValue>,
     input: Option<serde::de::IgnoredAny>,
     messages: Option<serde::de::IgnoredAny>,
+}
+
+/// A key's raw value, `null` included (serde's `Option` would read `null` as absent).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -83,6 +89,7 @@ impl<'a> Probe<'a> {
             }
             Some(_) => return Some(None), // not a string: serde refuses the body
         };
+        let has_stream_options = stream_options.is_some();
         let stream = utf8(stream)?;
         let stream_options = utf8(stream_options)?;
         let include_usage = include_usage(stream_options);
@@ -91,7 +98,7 @@ impl<'a> Probe<'a> {
             stream: stream == Some("true"),
             include_usage,
             responses_input: present(input).is_some() && present(messages).is_none(),
-            has_stream_options: stream_options.is_some(),
+            has_stream_options,
         }))
     }
 
@@ -126,13 +133,15 @@ pub struct Rewritten {
 }
 
 /// Applies the forwarding rewrites (spec §11.3): model name, model-family parameters, and
-/// `stream_options.include_usage` for streaming requests.
+/// `stream_options.include_usage` for streaming requests. `Err` (why, for a 400) when a
+/// rewrite is needed and the body cannot be read as a JSON tree — forwarding it unchanged
+/// would send the alias instead of the model, or stream without usage (uncounted tokens).
 pub fn rewrite(
     body: Bytes,
     probe: &Probe<'_>,
     upstream_model: &str,
     family_model_id: &str,
-) -> Rewritten {
+) -> Result<Rewritten, String> {
     let inject = probe.stream && !probe.include_usage && !probe.responses_input;
     let rules = family_rules(family_model_id);
     let rename = upstream_model != probe.model;
@@ -146,23 +155,34 @@ pub fn rewrite(
             out.extend_from_slice(&body[..=brace]);
             out.extend_from_slice(INJECTED);
             out.extend_from_slice(&body[brace + 1..]);
-            return Rewritten {
+            return Ok(Rewritten {
                 body: Bytes::from(out),
                 injected_usage: true,
-            };
+            });
         }
     }
     if !inject && !rename && rules.is_none() {
-        return Rewritten {
+        return Ok(Rewritten {
             body,
             injected_usage: false,
-        };
+        });
     }
-    let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(&body) else {
-        return Rewritten {
-            body,
-            injected_usage: false,
-        };
+    if rules.is_none() {
+        if let Some(out) = splice(&body, rename.then_some(upstream_model), inject) {
+            return Ok(Rewritten {
+                body: out,
+                injected_usage: inject,
+            });
+        }
+    }
+    let mut obj = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(obj)) => obj,
+        Ok(_) => return Err("the body is not a JSON object".into()),
+        Err(e) => {
+            return Err(format!(
+                "the body cannot be rewritten for model {upstream_model:?}: {e}"
+            ))
+        }
     };
     let mut changed = false;
     if rename {
@@ -186,15 +206,64 @@ pub fn rewrite(
         changed = true;
     }
     if !changed {
-        return Rewritten {
+        return Ok(Rewritten {
             body,
             injected_usage: false,
-        };
+        });
     }
-    Rewritten {
+    Ok(Rewritten {
         body: Bytes::from(serde_json::to_vec(&Value::Object(obj)).expect("JSON value serialises")),
         injected_usage: inject,
+    })
+}
+
+/// The model rename and the usage flag written into the raw body: the top-level `model` and
+/// `stream_options` values are replaced where they stand (`stream_options` is added after the
+/// opening brace when absent). No JSON tree is built, so a long prompt costs one scan, and a
+/// body whose prompt serde_json cannot build a tree of (a lone surrogate escape, a number
+/// beyond `f64`, deep nesting) is still rewritten. `None` when the scan is unsure (an escaped
+/// key, a repeated one): the caller then builds the tree.
+fn splice(body: &[u8], model: Option<&str>, inject: bool) -> Option<Bytes> {
+    let [model_raw, options_raw] =
+        crate::json::top_level(body, [b"model".as_slice(), b"stream_options".as_slice()])?;
+    let span = |raw: &[u8]| {
+        let start = raw.as_ptr() as usize - body.as_ptr() as usize;
+        start..start + raw.len()
+    };
+    let mut edits: Vec<(std::ops::Range<usize>, Vec<u8>)> = Vec::with_capacity(2);
+    if let Some(name) = model {
+        edits.push((span(model_raw?), serde_json::to_vec(name).ok()?));
     }
+    if inject {
+        match options_raw {
+            Some(raw) => {
+                // Anything but an object (`null`, a stray scalar) is replaced, as the tree
+                // path does.
+                let mut opts = match serde_json::from_slice::<Value>(raw).ok()? {
+                    Value::Object(opts) => opts,
+                    _ => Map::new(),
+                };
+                opts.insert("include_usage".into(), Value::Bool(true));
+                edits.push((span(raw), serde_json::to_vec(&opts).ok()?));
+            }
+            None => {
+                // After the opening brace: the object has a `model` key, so a comma follows.
+                let at = body.iter().position(|&b| b == b'{')? + 1;
+                let key = br#""stream_options":{"include_usage":true},"#.to_vec();
+                edits.push((at..at, key));
+            }
+        }
+    }
+    edits.sort_by_key(|(range, _)| range.start);
+    let mut out = Vec::with_capacity(body.len() + 48);
+    let mut at = 0;
+    for (range, with) in edits {
+        out.extend_from_slice(&body[at..range.start]);
+        out.extend_from_slice(&with);
+        at = range.end;
+    }
+    out.extend_from_slice(&body[at..]);
+    Some(Bytes::from(out))
 }
 
 /// Parameter rules for reasoning-model families (spec §10.4).
@@ -321,7 +390,7 @@ mod tests {
     fn untouched_bodies_stay_byte_identical() {
         let body = Bytes::from_static(br#"{ "model" : "m",  "x": 1 }"#);
         let p = Probe::read(&body).unwrap();
-        let out = rewrite(body.clone(), &p, "m", "m");
+        let out = rewrite(body.clone(), &p, "m", "m").unwrap();
         assert_eq!(out.body, body);
         assert!(!out.injected_usage);
     }
@@ -330,7 +399,7 @@ mod tests {
     fn renames_and_injects_usage() {
         let body = Bytes::from_static(br#"{"model":"fast","stream":true,"messages":[]}"#);
         let p = Probe::read(&body).unwrap();
-        let out = rewrite(body.clone(), &p, "gpt-4o-mini-2024", "small");
+        let out = rewrite(body.clone(), &p, "gpt-4o-mini-2024", "small").unwrap();
         let v: Value = serde_json::from_slice(&out.body).unwrap();
         assert_eq!(v["model"], "gpt-4o-mini-2024");
         assert_eq!(v["stream_options"]["include_usage"], true);
@@ -338,8 +407,46 @@ mod tests {
         let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
         assert_eq!(
             keys,
-            ["model", "stream", "messages", "stream_options"],
-            "order is kept"
+            ["stream_options", "model", "stream", "messages"],
+            "the client's keys keep their order"
+        );
+    }
+
+    #[test]
+    fn a_null_stream_options_is_replaced_not_doubled() {
+        let body = Bytes::from_static(
+            br#"{"model":"m","stream":true,"stream_options":null,"messages":[]}"#,
+        );
+        let p = Probe::read(&body).unwrap();
+        assert!(p.has_stream_options && !p.include_usage);
+        assert_eq!(Probe::read_serde(&body).as_ref(), Some(&p));
+        let out = rewrite(body.clone(), &p, "m", "m").unwrap();
+        assert!(out.injected_usage);
+        assert_eq!(
+            std::str::from_utf8(&out.body).unwrap(),
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#
+        );
+    }
+
+    #[test]
+    fn a_prompt_serde_cannot_build_a_tree_of_is_still_renamed() {
+        // A lone surrogate escape (a JavaScript client cutting an emoji in half) and a number
+        // beyond f64: valid to skip over, refused when building a tree.
+        let body = Bytes::from_static(
+            br#"{"model":"fast","stream":true,"stream_options":{"x":1},"messages":[{"role":"user","content":"\ud83d"}],"seed":1e400}"#,
+        );
+        let p = Probe::read(&body).unwrap();
+        let out = rewrite(body.clone(), &p, "gpt-4o", "fast").unwrap();
+        assert!(out.injected_usage);
+        assert_eq!(
+            std::str::from_utf8(&out.body).unwrap(),
+            r#"{"model":"gpt-4o","stream":true,"stream_options":{"x":1,"include_usage":true},"messages":[{"role":"user","content":"\ud83d"}],"seed":1e400}"#
+        );
+        // A model-family rule needs the tree: a clear refusal, not a silent pass-through.
+        let err = rewrite(body.clone(), &p, "o1", "o1").unwrap_err();
+        assert!(
+            err.contains(r#"cannot be rewritten for model "o1""#),
+            "{err}"
         );
     }
 
@@ -347,7 +454,7 @@ mod tests {
     fn usage_flag_is_added_without_reserialising() {
         let body = Bytes::from_static(b" {\"model\": \"m\", \"stream\": true, \"x\": \"\\u00e9\"}");
         let p = Probe::read(&body).unwrap();
-        let out = rewrite(body.clone(), &p, "m", "m");
+        let out = rewrite(body.clone(), &p, "m", "m").unwrap();
         assert!(out.injected_usage);
         assert_eq!(
             std::str::from_utf8(&out.body).unwrap(),
@@ -359,7 +466,8 @@ mod tests {
         // An existing stream_options object is updated in place instead.
         let body = Bytes::from_static(br#"{"model":"m","stream":true,"stream_options":{"x":1}}"#);
         let p = Probe::read(&body).unwrap();
-        let v: Value = serde_json::from_slice(&rewrite(body.clone(), &p, "m", "m").body).unwrap();
+        let v: Value =
+            serde_json::from_slice(&rewrite(body.clone(), &p, "m", "m").unwrap().body).unwrap();
         assert_eq!(
             v["stream_options"],
             serde_json::json!({"x": 1, "include_usage": true})
@@ -377,7 +485,8 @@ mod tests {
         let body =
             Bytes::from_static(br#"{"model":"o1","max_tokens":5,"temperature":1,"logprobs":true}"#);
         let p = Probe::read(&body).unwrap();
-        let v: Value = serde_json::from_slice(&rewrite(body.clone(), &p, "o1", "o1").body).unwrap();
+        let v: Value =
+            serde_json::from_slice(&rewrite(body.clone(), &p, "o1", "o1").unwrap().body).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"model":"o1","max_completion_tokens":5})

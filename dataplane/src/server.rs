@@ -28,6 +28,17 @@ use crate::{
     proxy,
 };
 
+/// An HTTP/2 client connection is pinged this often, and closed when a ping goes unanswered
+/// for [`H2_PING_TIMEOUT`].
+const H2_PING_INTERVAL: Option<Duration> = Some(Duration::from_secs(30));
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Probes an idle client connection after 60 s, then every 10 s; 3 unanswered: closed.
+const TCP_KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(60))
+    .with_interval(Duration::from_secs(10))
+    .with_retries(3);
+
 /// The HTTP/2 connection preface (RFC 9113 §3.4) an h2c client opens with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -79,14 +90,22 @@ impl Protocols {
             .timer(TokioTimer::new())
             .keep_alive(true)
             .header_read_timeout(idle);
+        // HTTP/2 pings find a client that vanished from a connection it keeps open (a
+        // multiplexing client rarely closes one).
         let mut http2 = http2::Builder::new(TokioExecutor::new());
-        http2.timer(TokioTimer::new());
+        http2
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT);
         let mut auto = auto::Builder::new(TokioExecutor::new());
         auto.http1()
             .timer(TokioTimer::new())
             .keep_alive(true)
             .header_read_timeout(idle);
-        auto.http2().timer(TokioTimer::new());
+        auto.http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT);
         Protocols {
             http1,
             http2,
@@ -164,6 +183,9 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                // A client that vanished without a FIN (a dropped network, a killed VM) is
+                // noticed by the kernel's probes instead of holding its connection for hours.
+                let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&TCP_KEEPALIVE);
                 let service = Service { app: app.clone(), role };
                 // Registered now, so a shutdown that starts before the protocol is known
                 // still reaches the connection.

@@ -293,6 +293,22 @@ async fn retry_next_credential_on_429() {
     assert_eq!(mock.bearers(), vec!["sk-c1", "sk-c2"]);
 }
 
+/// Out of attempts, the client gets the last answer an upstream gave (its status, body and
+/// `Retry-After`), not the connection failure of a later attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_retries_the_last_upstream_answer_wins_over_a_later_connect_failure() {
+    let mock = MockUpstream::start().await;
+    let router = Router::start(&two_creds(1, &mock.url(), &dead_url())).await;
+
+    mock.push(Reply::error(429, "slow down").with_header("retry-after", "20"));
+    let resp = router.chat("gpt-4o").await;
+    assert_eq!(resp.status().as_u16(), 429);
+    assert_eq!(retry_after(&resp), Some(20));
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(error_of(&v).0, "slow down", "{v}");
+    assert_eq!(mock.bearers(), vec!["sk-c1"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_next_credential_on_connection_refused() {
     let mock = MockUpstream::start().await;
@@ -343,17 +359,14 @@ async fn every_attempt_reserves_rpm() {
     assert_eq!(mock.bearers(), vec!["sk-c1", "sk-c2", "sk-c2"]);
 }
 
+/// With no upstream answer at all, only connection failures, the client gets our 502.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn last_attempt_transport_error_gives_502() {
-    let mock = MockUpstream::start().await;
-    let router = Router::start(&two_creds(1, &mock.url(), &dead_url())).await;
-
-    mock.push(Reply::error(500, "internal"));
+async fn only_transport_errors_give_502() {
+    let router = Router::start(&two_creds(1, &dead_url(), &dead_url())).await;
     let resp = router.chat("gpt-4o").await;
     assert_eq!(resp.status().as_u16(), 502);
     let v: Value = resp.json().await.expect("JSON error body");
     assert!(v["error"]["message"].is_string(), "{v}");
-    assert_eq!(mock.bearers(), vec!["sk-c1"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -138,3 +138,33 @@ async fn a_keep_alive_connection_is_closed_after_idle_timeout() {
         "a silent connection closed after {idle:?}, idle_timeout is 2 s"
     );
 }
+
+/// A client that stops sending its body half-way gets a 408 once `idle_timeout` passes
+/// without a byte, instead of holding its task and buffer for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_stalls_gets_408() {
+    use std::time::{Duration, Instant};
+    let router = Router::start(&yaml_with(&["idle_timeout: 1s"])).await;
+    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", router.port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {MASTER_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"model\":"
+    );
+    let sent = Instant::now();
+    let (head, body) = exchange(&mut sock, head.as_bytes())
+        .await
+        .expect("an answer, not a silent close");
+    let waited = sent.elapsed();
+    assert!(head.starts_with("http/1.1 408"), "{head}");
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("stalled") && body.contains("idle_timeout"),
+        "{body}"
+    );
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(5)).contains(&waited),
+        "answered after {waited:?}, idle_timeout is 1 s"
+    );
+}

@@ -647,4 +647,13 @@ def test_only_the_leader_reconciles_and_a_standby_takes_over(env):
     assert second.metric("airouter_operator_reconciles_total") > 0
     assert cp.get("lease", "airouter-operator", LEASE_NS)["spec"]["holderIdentity"] == "operator-b"
     print(f"standby took over {took:.1f}s after the leader was killed")
+
+    # SIGTERM (a rolling upgrade): the leader gives the Lease up as it exits, so the next one
+    # need not wait for it to expire — right after the exit it is nobody's (or the standby's).
+    third = env.start_operator("operator-c")
+    second.stop()
+    assert second.proc.returncode == 0, second.proc.returncode
+    holder = cp.get("lease", "airouter-operator", LEASE_NS)["spec"].get("holderIdentity")
+    assert holder in (None, "operator-c"), f"still held by {holder} after it exited"
+    wait_for("operator-c takes over", third.is_leader, timeout=30)
     kubelet.stop_pod(pod)

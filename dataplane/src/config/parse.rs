@@ -875,6 +875,16 @@ impl Parser<'_> {
             },
         };
         let api_key = self.string(m, "api_key", f, true).map(Secret::new);
+        // Sent as `Authorization: Bearer <key>`: a key a header cannot carry would go out with
+        // no Authorization at all. Named by its flaw, never shown.
+        if let Some(key) = &api_key {
+            if let Some(flaw) = header_flaw(key.expose()) {
+                self.error(
+                    join(f, "api_key"),
+                    format!("{flaw}; a header cannot carry it"),
+                );
+            }
+        }
         let base_url = self.base_url(m, f, kind);
         let rpm = self.limit(m, "rpm", f, true, Zero::Invalid);
         let tpm = self.limit(m, "tpm", f, true, Zero::Unlimited);
@@ -1162,6 +1172,28 @@ fn join(parent: &str, key: &str) -> String {
     }
 }
 
+/// What keeps `value` out of an HTTP header, if anything (said without showing the value).
+fn header_flaw(value: &str) -> Option<&'static str> {
+    let last = value.bytes().last()?;
+    if value
+        .bytes()
+        .next()
+        .is_some_and(|b| b == b' ' || b == b'\t')
+        || last == b' '
+        || last == b'\t'
+    {
+        Some("it starts or ends with a space or a tab")
+    } else if value.bytes().any(|b| b == b'\n' || b == b'\r') {
+        Some("it holds a line break (a trailing newline from a file or a secret?)")
+    } else if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        Some("it holds a control character")
+    } else if !value.is_ascii() {
+        Some("it holds a non-ASCII character")
+    } else {
+        None
+    }
+}
+
 /// A credential's `base_url` as the router uses it (without a trailing `/` and `/v1`), or why
 /// it cannot be one; the message never shows the URL's user-info.
 pub fn base_url(raw: &str) -> Result<String, String> {
@@ -1180,6 +1212,14 @@ pub fn base_url(raw: &str) -> Result<String, String> {
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err("base_url must have a host".into());
+    }
+    // Over HTTP/2 it would travel in `:authority`, which must not carry it; the key belongs
+    // in `api_key`.
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!(
+            "base_url must not carry user-info ({:?}); put the key in api_key",
+            without_userinfo(raw)
+        ));
     }
     if uri.query().is_some() {
         return Err("base_url must not have a query string".into());
@@ -1236,9 +1276,34 @@ mod tests {
         assert!(message.contains("credentials[0].base_url"), "{message}");
         assert!(message.contains("https://***@llm.example/v1"), "{message}");
         assert!(!message.contains("s3cret"), "{message}");
+        let valid_but_keyed = text.replace("user:s3cret pw@", "user:s3cret@");
+        let err = parse(&valid_but_keyed, &no_env).unwrap_err();
+        let message = err.problems[0].to_string();
+        assert!(message.contains("must not carry user-info"), "{message}");
+        assert!(!message.contains("s3cret"), "{message}");
         assert_eq!(without_userinfo("http://h:8080/v1"), "http://h:8080/v1");
         assert_eq!(without_userinfo("h/a@b"), "h/a@b");
         assert_eq!(without_userinfo("u:p@h"), "***@h");
+    }
+
+    #[test]
+    fn an_api_key_a_header_cannot_carry_is_refused_without_showing_it() {
+        for (key, says) in [
+            ("sk-xyzzy\\n", "line break"),
+            ("sk-xyzzy\\r\\n", "line break"),
+            (" sk-xyzzy", "space"),
+            ("sk-xyzzé", "non-ASCII"),
+            ("sk-\\u0007xyzzy", "control character"),
+        ] {
+            let text = format!("server: {{master_key: k}}\ncredentials: [{{name: a, type: openai, api_key: \"{key}\", base_url: 'http://h'}}]\n");
+            let err = parse(&text, &no_env).unwrap_err();
+            let message = err.problems[0].to_string();
+            assert!(message.starts_with("credentials[0].api_key: "), "{message}");
+            assert!(message.contains(says), "{key:?}: {message}");
+            assert!(!message.contains("xyzz"), "{message}");
+        }
+        let ok = "server: {master_key: k}\ncredentials: [{name: a, type: openai, api_key: 'sk-a/b+c=', base_url: 'http://h'}]\n";
+        assert!(parse(ok, &no_env).is_ok());
     }
 
     #[test]

@@ -48,6 +48,20 @@ fn is_dropped(name: &HeaderName) -> bool {
     )
 }
 
+/// The headers a `Connection` header names (RFC 9110 §7.6.1): they belong to that one
+/// connection, so they are never passed on. Those dropped anyway (and `close`) are left out,
+/// so the usual `Connection: keep-alive` allocates nothing.
+fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .filter(|name| !is_dropped(name) && name != "close")
+        .collect()
+}
+
 /// A credential's `base_url` split once at compile time, so a request's URI is assembled
 /// from parts instead of formatting and re-parsing a string.
 #[derive(Clone, Debug)]
@@ -151,8 +165,9 @@ pub fn build(
         .body(Full::new(body))?;
     let headers = req.headers_mut();
     headers.reserve(client_headers.len() + 2);
+    let listed = connection_listed(client_headers);
     for (name, value) in client_headers {
-        if !is_dropped(name) {
+        if !is_dropped(name) && !listed.contains(name) {
             headers.append(name.clone(), value.clone());
         }
     }
@@ -179,6 +194,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ];
     // Usually there are none: look once instead of removing each by hash.
     if headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        for name in connection_listed(headers) {
+            headers.remove(name);
+        }
         for name in HOP_BY_HOP {
             headers.remove(name);
         }
@@ -285,5 +303,35 @@ mod tests {
         assert!(req.headers().get(header::AUTHORIZATION).is_none());
         assert_eq!(req.headers()["x-custom"], "1");
         assert_eq!(req.headers()[HOPS_HEADER], "3");
+    }
+
+    #[test]
+    fn headers_a_connection_header_names_stay_on_that_connection() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, X-Internal-Auth"),
+        );
+        h.append(header::CONNECTION, HeaderValue::from_static("x-trace"));
+        h.insert("x-internal-auth", HeaderValue::from_static("t"));
+        h.insert("x-trace", HeaderValue::from_static("1"));
+        h.insert("x-custom", HeaderValue::from_static("1"));
+        let c = cred(CredentialType::Openai, "http://r");
+        let rid = HeaderValue::from_static("rid");
+        let req = build(&c, &Method::POST, &pq("/v1/x"), &h, Bytes::new(), 0, &rid).unwrap();
+        let names: Vec<&str> = req.headers().keys().map(|n| n.as_str()).collect();
+        assert!(names.contains(&"x-custom"), "{names:?}");
+        for gone in ["connection", "x-internal-auth", "x-trace"] {
+            assert!(!names.contains(&gone), "{gone} forwarded: {names:?}");
+        }
+        // The same on the way back.
+        h.remove("x-custom");
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+        assert!(connection_listed(&HeaderMap::from_iter([(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive")
+        )]))
+        .is_empty());
     }
 }
