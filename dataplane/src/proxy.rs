@@ -7,7 +7,10 @@
 
 use std::{
     borrow::Cow,
+    future::Future,
+    pin::Pin,
     sync::Arc,
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -755,7 +758,7 @@ enum CollectError {
 /// compiler limitation when proving this future `Send`.)
 ///
 /// `stall`: how long the body may go without a frame (`None`: no limit). A frame that is
-/// already there is taken before the timer is ever registered.
+/// already there is taken without a timer (the usual body arrives with its head).
 async fn collect_limited<B>(
     mut body: B,
     limit: usize,
@@ -768,7 +771,7 @@ where
     let mut buf = BytesMut::new();
     loop {
         let frame = match stall {
-            Some(stall) => tokio::time::timeout(stall, body.frame())
+            Some(stall) => Stall::new(body.frame(), stall)
                 .await
                 .map_err(|_| CollectError::Stalled)?,
             None => body.frame().await,
@@ -786,6 +789,46 @@ where
         }
     }
     Ok(buf.freeze())
+}
+
+pin_project_lite::pin_project! {
+    /// `inner`, or `Err(())` once it has stayed pending for `stall`. The timer is made only
+    /// when `inner` is first pending: a frame that is already there costs no timer.
+    struct Stall<F> {
+        #[pin]
+        inner: F,
+        #[pin]
+        timer: Option<tokio::time::Sleep>,
+        stall: Duration,
+    }
+}
+
+impl<F> Stall<F> {
+    fn new(inner: F, stall: Duration) -> Self {
+        Stall {
+            inner,
+            timer: None,
+            stall,
+        }
+    }
+}
+
+impl<F: Future> Future for Stall<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(out) = this.inner.poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        if this.timer.is_none() {
+            this.timer.set(Some(tokio::time::sleep(*this.stall)));
+        }
+        match this.timer.as_pin_mut().map(|timer| timer.poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Err(())),
+            _ => Poll::Pending,
+        }
+    }
 }
 
 fn authorize(rt: &Runtime, headers: &HeaderMap) -> Result<(), ProxyError> {
