@@ -5,6 +5,7 @@ and a mock OpenAI provider. One namespace per test."""
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import pathlib
 import signal
@@ -656,4 +657,16 @@ def test_only_the_leader_reconciles_and_a_standby_takes_over(env):
     holder = cp.get("lease", "airouter-operator", LEASE_NS)["spec"].get("holderIdentity")
     assert holder in (None, "operator-c"), f"still held by {holder} after it exited"
     wait_for("operator-c takes over", third.is_leader, timeout=30)
+
+    # A leader that finds the Lease held by someone else stops writing at once: it exits
+    # (non-zero, so its Deployment restarts it as a standby) instead of racing the new holder.
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    cp.kubectl("patch", "lease", "airouter-operator", "-n", LEASE_NS, "--type=merge", "-p", json.dumps(
+        {"spec": {"holderIdentity": "intruder", "renewTime": now, "leaseDurationSeconds": 3600}}))
+    try:
+        code = third.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("operator-c kept running after losing the Lease") from None
+    assert code == 1, code
+    assert "lost the leader Lease" in third.log_path.read_text()
     kubelet.stop_pod(pod)
