@@ -149,12 +149,11 @@ pub fn rewrite(
         // The common streaming case: add the key after the opening brace instead of
         // re-serialising the whole body (which costs a full parse for long prompts). The body
         // is a JSON object with a `model` key and no `stream_options` key, so this stays valid.
-        if let Some(brace) = body.iter().position(|&b| b == b'{') {
-            const INJECTED: &[u8] = br#""stream_options":{"include_usage":true},"#;
-            let mut out = Vec::with_capacity(body.len() + INJECTED.len());
-            out.extend_from_slice(&body[..=brace]);
-            out.extend_from_slice(INJECTED);
-            out.extend_from_slice(&body[brace + 1..]);
+        if let Some(at) = after_brace(&body) {
+            let mut out = Vec::with_capacity(body.len() + USAGE_KEY.len());
+            out.extend_from_slice(&body[..at]);
+            out.extend_from_slice(USAGE_KEY);
+            out.extend_from_slice(&body[at..]);
             return Ok(Rewritten {
                 body: Bytes::from(out),
                 injected_usage: true,
@@ -180,7 +179,8 @@ pub fn rewrite(
         Ok(_) => return Err("the body is not a JSON object".into()),
         Err(e) => {
             return Err(format!(
-                "the body cannot be rewritten for model {upstream_model:?}: {e}"
+                "the body cannot be rewritten for model {upstream_model:?}: {e}; send it as \
+                 valid JSON (UTF-8, no lone \\u surrogate escapes)"
             ))
         }
     };
@@ -217,6 +217,15 @@ pub fn rewrite(
     })
 }
 
+/// The `stream_options` key a streaming body without one gets, as the first key of the object.
+const USAGE_KEY: &[u8] = br#""stream_options":{"include_usage":true},"#;
+
+/// Where [`USAGE_KEY`] goes: after the opening brace. The object has a `model` key, so a
+/// comma after it keeps the body valid.
+fn after_brace(body: &[u8]) -> Option<usize> {
+    Some(body.iter().position(|&b| b == b'{')? + 1)
+}
+
 /// The model rename and the usage flag written into the raw body: the top-level `model` and
 /// `stream_options` values are replaced where they stand (`stream_options` is added after the
 /// opening brace when absent). No JSON tree is built, so a long prompt costs one scan, and a
@@ -247,10 +256,8 @@ fn splice(body: &[u8], model: Option<&str>, inject: bool) -> Option<Bytes> {
                 edits.push((span(raw), serde_json::to_vec(&opts).ok()?));
             }
             None => {
-                // After the opening brace: the object has a `model` key, so a comma follows.
-                let at = body.iter().position(|&b| b == b'{')? + 1;
-                let key = br#""stream_options":{"include_usage":true},"#.to_vec();
-                edits.push((at..at, key));
+                let at = after_brace(body)?;
+                edits.push((at..at, USAGE_KEY.to_vec()));
             }
         }
     }

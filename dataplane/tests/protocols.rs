@@ -38,6 +38,13 @@ async fn h2c_prior_knowledge_is_served() {
     }
 }
 
+/// A raw TCP connection to the router's public listener.
+async fn connect(router: &Router) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(("127.0.0.1", router.port))
+        .await
+        .expect("connect to the router")
+}
+
 /// Writes `request` on `sock` and reads one whole answer (head, then `Content-Length` bytes);
 /// `None` when the router closed the connection instead. The head is lowercased.
 async fn exchange(sock: &mut tokio::net::TcpStream, request: &[u8]) -> Option<(String, Vec<u8>)> {
@@ -73,9 +80,7 @@ async fn exchange(sock: &mut tokio::net::TcpStream, request: &[u8]) -> Option<(S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_keep_alive_serves_several_requests_on_one_socket() {
     let router = Router::start(&yaml()).await;
-    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", router.port))
-        .await
-        .unwrap();
+    let mut sock = connect(&router).await;
     let body = serde_json::to_string(&chat_body("gpt-4o-mini")).unwrap();
     for i in 0..3 {
         let req = format!(
@@ -105,9 +110,7 @@ async fn a_keep_alive_connection_is_closed_after_idle_timeout() {
     use std::time::{Duration, Instant};
     use tokio::io::AsyncReadExt;
     let router = Router::start(&yaml_with(&["idle_timeout: 2s"])).await;
-    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", router.port))
-        .await
-        .unwrap();
+    let mut sock = connect(&router).await;
     assert!(health_on(&mut sock).await);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(health_on(&mut sock).await, "1.2 s idle is within 2 s");
@@ -127,9 +130,7 @@ async fn a_keep_alive_connection_is_closed_after_idle_timeout() {
 
     // A connection that never sends a request gets the same time.
     let silent_from = Instant::now();
-    let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", router.port))
-        .await
-        .unwrap();
+    let mut silent = connect(&router).await;
     let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut byte)).await;
     assert_eq!(read.expect("closed within 10 s").unwrap_or(0), 0);
     let idle = silent_from.elapsed();
@@ -145,9 +146,7 @@ async fn a_keep_alive_connection_is_closed_after_idle_timeout() {
 async fn a_request_body_that_stalls_gets_408() {
     use std::time::{Duration, Instant};
     let router = Router::start(&yaml_with(&["idle_timeout: 1s"])).await;
-    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", router.port))
-        .await
-        .unwrap();
+    let mut sock = connect(&router).await;
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {MASTER_KEY}\r\n\
          Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"model\":"

@@ -98,6 +98,14 @@ def state_of(pod, token: str, credential: str) -> dict | None:
     return None
 
 
+def one_pod_pool(env, ns: str, credential: str):
+    """A ready pool `p` of one pod serving one Credential; returns (pod, admin token)."""
+    env.cp.apply(simple_pool(ns, env.mock.url, replicas=1, credentials={credential: {}}))
+    [pod] = env.kubelet.run_deployment(ns, "p")
+    wait_ready(env.cp, "routerpool", "p", ns)
+    return pod, admin_token(env.cp, ns, "p")
+
+
 def simple_pool(ns: str, mock_url: str, replicas: int = 2, credentials: dict[str, dict] | None = None) -> str:
     """A pool `p` selecting Credentials labelled pool=p, each an openai key at the mock."""
     docs = [f"""
@@ -428,12 +436,9 @@ def test_a_pod_that_starts_on_a_stale_config_is_brought_up_to_date(env):
 def test_an_admin_token_emptied_by_hand_is_put_back(env):
     """The `<pool>-admin` Secret is the operator's: a token removed from it by hand comes back
     as the one the pods were pushed with, so pushes keep working."""
-    cp, mock, kubelet = env.cp, env.mock, env.kubelet
+    cp, kubelet = env.cp, env.kubelet
     ns = cp.new_namespace("token")
-    cp.apply(simple_pool(ns, mock.url, replicas=1, credentials={"c1": {}}))
-    [pod] = kubelet.run_deployment(ns, "p")
-    wait_ready(cp, "routerpool", "p", ns)
-    token = admin_token(cp, ns, "p")
+    pod, token = one_pod_pool(env, ns, "c1")
     cp.kubectl("patch", "secret", "p-admin", "-n", ns, "--type=merge", "-p", json.dumps({"data": {"token": ""}}))
     wait_for("the token put back", lambda: admin_token(cp, ns, "p") == token)
     cp.kubectl("patch", "credential", "c1", "-n", ns, "--type=merge", "-p", json.dumps({"spec": {"rpm": 1200}}))
@@ -500,10 +505,7 @@ spec:
 def test_key_rotation_reaches_the_pod_and_resets_the_ban(env):
     cp, mock, kubelet = env.cp, env.mock, env.kubelet
     ns = cp.new_namespace("rotate")
-    cp.apply(simple_pool(ns, mock.url, replicas=1, credentials={"k": {}}))
-    [pod] = kubelet.run_deployment(ns, "p")
-    wait_ready(cp, "routerpool", "p", ns)
-    token = admin_token(cp, ns, "p")
+    pod, token = one_pod_pool(env, ns, "k")
     mock.fail["sk-k-v1"] = 401
     for _ in range(3):  # the safe default: three 401s ban the pair
         code, _ = chat(pod, f"sk-master-{ns}")

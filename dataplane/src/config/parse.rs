@@ -1174,14 +1174,7 @@ fn join(parent: &str, key: &str) -> String {
 
 /// What keeps `value` out of an HTTP header, if anything (said without showing the value).
 fn header_flaw(value: &str) -> Option<&'static str> {
-    let last = value.bytes().last()?;
-    if value
-        .bytes()
-        .next()
-        .is_some_and(|b| b == b' ' || b == b'\t')
-        || last == b' '
-        || last == b'\t'
-    {
+    if value.starts_with([' ', '\t']) || value.ends_with([' ', '\t']) {
         Some("it starts or ends with a space or a tab")
     } else if value.bytes().any(|b| b == b'\n' || b == b'\r') {
         Some("it holds a line break (a trailing newline from a file or a secret?)")

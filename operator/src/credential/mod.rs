@@ -73,10 +73,10 @@ pub async fn reconcile(obj: Arc<Cred>, ctx: Arc<Context>) -> Result<Action> {
             return Err(e);
         }
     };
-    // Resolved as every pool that selects it resolves it: a proxy back to its own pool is
-    // left out there, and must not read Ready here.
-    let problem = std::iter::once(None)
-        .chain(pools.iter().map(|pool| Some(pool.as_str())))
+    // Resolved as every pool that selects it resolves it (a proxy back to its own pool is
+    // left out there, and must not read Ready here), or once when none selects it.
+    let problem = (pools.iter().map(|pool| Some(pool.as_str())))
+        .chain(pools.is_empty().then_some(None))
         .find_map(|own_pool| resolve_credential(cred, &secrets, &lookup, own_pool).err());
     let live = ctx.live.get(&namespace, &name);
     let status = status::build_status(cred, problem.as_ref(), pools, live, &now());

@@ -190,7 +190,7 @@ async fn sync(
     let config = render::render_config(&pool.spec, &resolution.resolved)?;
     let trusted_ca = resolution.resolved.trusted_ca_hash.as_deref();
     let desired = desired::desired_state(pool, &config, trusted_ca, &ctx.settings.defaults)?;
-    render::check_document(desired.config_document(), desired.config_hash())?;
+    render::check_document(desired.config_document(), desired.config_hash(), &config)?;
     apply::apply(&ctx.client, namespace, &desired).await?;
     let (document, hash) = (desired.config_document(), desired.config_hash().to_owned());
     let token = resolution.resolved.admin_token;

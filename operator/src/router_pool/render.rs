@@ -53,10 +53,27 @@ impl RenderError {
 /// Reads `document` the way a pod will (the data plane's parser): a document it would refuse
 /// is not applied — running pods would refuse the push, and a pod that restarts would refuse
 /// to start — and one it would read as another config than `hash` would never report synced.
-/// The last applied config keeps serving. (The parser's messages never show a secret.)
-pub fn check_document(document: &str, hash: &str) -> Result<(), RenderError> {
-    let loaded = RouterConfig::from_yaml(document, &|_| None)
-        .map_err(|e| RenderError::Document(e.to_string()))?;
+/// The last applied config keeps serving. Each problem names the field and the object it
+/// was rendered from (`config`: the rendered config, to name Credentials by their index);
+/// the parser's messages never show a secret.
+pub fn check_document(
+    document: &str,
+    hash: &str,
+    config: &RouterConfig,
+) -> Result<(), RenderError> {
+    let loaded = RouterConfig::from_yaml(document, &|_| None).map_err(|e| {
+        let problems: Vec<String> = (e.problems.iter())
+            .map(|p| {
+                format!(
+                    "{} ({}): {}",
+                    p.field,
+                    source_of(&p.field, config),
+                    p.message
+                )
+            })
+            .collect();
+        RenderError::Document(problems.join("; "))
+    })?;
     let read = loaded.config.hash();
     if read != hash {
         return Err(RenderError::Document(format!(
@@ -196,6 +213,24 @@ fn server(
     })
 }
 
+/// Where a field of the rendered config comes from, for a user who has to fix it there.
+fn source_of(field: &str, config: &RouterConfig) -> String {
+    let credential = (field.strip_prefix("credentials["))
+        .and_then(|rest| rest.split(']').next()?.parse::<usize>().ok())
+        .and_then(|i| config.credentials.get(i));
+    if let Some(cred) = credential {
+        return format!("from Credential {}", cred.name);
+    }
+    match field.split('.').next().unwrap_or(field) {
+        "rate_limit" => "from spec.rateLimit and the Secret its redis.urlSecretRef names".into(),
+        "server" if field.ends_with("master_key") => {
+            "from the Secret spec.masterKeySecretRef names".into()
+        }
+        "models" => "from the Credentials' spec.models".into(),
+        _ => "from the RouterPool's spec".into(),
+    }
+}
+
 fn parse_duration(field: &'static str, text: &str) -> Result<Duration, RenderError> {
     duration::parse(text).map_err(|message| RenderError::Pool { field, message })
 }
@@ -286,10 +321,6 @@ fn credential(cred: &ResolvedCredential, share: Share) -> Result<CredentialConfi
             ))
         }
     };
-    let base_url = base_url
-        .strip_suffix("/v1")
-        .map(str::to_owned)
-        .unwrap_or(base_url);
     Ok(CredentialConfig {
         name: cred.name.clone(),
         kind,
@@ -375,8 +406,9 @@ mod tests {
         let check = |resolved: &Resolved| {
             let mut resolved = resolved.clone();
             resolved.credentials[0].api_key = Some("sk-test".into());
-            let doc = render_config(&pool(), &resolved).unwrap().to_yaml();
-            check_document(&doc, &airouter::config::document_hash(&doc))
+            let config = render_config(&pool(), &resolved).unwrap();
+            let doc = config.to_yaml();
+            check_document(&doc, &airouter::config::document_hash(&doc), &config)
         };
         let openai = serde_json::json!({"type": "openai", "baseUrl": "https://api.openai.com/v1"});
         assert_eq!(check(&resolved(openai.clone(), false)), Ok(()));
@@ -391,6 +423,7 @@ mod tests {
         let err = check(&redis).unwrap_err();
         assert_eq!(err.reason(), "InvalidConfig");
         assert!(err.to_string().contains("rate_limit.redis_url"), "{err}");
+        assert!(err.to_string().contains("spec.rateLimit"), "{err}");
         assert!(!err.to_string().contains("hunter2"), "{err}");
 
         // An empty real model name is rendered as none, as the data plane reads it: the hash
@@ -399,16 +432,15 @@ mod tests {
         empty_model["models"] = serde_json::json!([{"name": "gpt", "model": ""}]);
         assert_eq!(check(&resolved(empty_model, false)), Ok(()));
 
-        let doc = render_config(
+        let config = render_config(
             &pool(),
             &resolved(
                 serde_json::json!({"type": "proxy", "baseUrl": "http://x"}),
                 false,
             ),
         )
-        .unwrap()
-        .to_yaml();
-        let err = check_document(&doc, "0000000000000000").unwrap_err();
+        .unwrap();
+        let err = check_document(&config.to_yaml(), "0000000000000000", &config).unwrap_err();
         assert!(err.to_string().contains("reads it as config"), "{err}");
     }
 
