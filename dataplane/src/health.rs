@@ -204,11 +204,18 @@ fn pair_health<'a>(
     }
 }
 
-/// LiteLLM-style readiness (spec §9.3); 503 while shutting down.
+/// LiteLLM-style readiness (spec §9.3); 503 until the first sync of the proxies' remotes has
+/// ended (so their models are known before traffic comes) and while shutting down.
 pub fn readiness(app: &App) -> Response<RespBody> {
-    let ready = app.ready.load(Ordering::Relaxed);
+    let status = if !app.ready.load(Ordering::Relaxed) {
+        "shutting_down"
+    } else if !app.remote.started(&app.current()) {
+        "starting"
+    } else {
+        "healthy"
+    };
     let doc = serde_json::json!({
-        "status": if ready { "healthy" } else { "shutting_down" },
+        "status": status,
         "db": "Not connected",
         "cache": "",
         "litellm_version": env!("CARGO_PKG_VERSION"),
@@ -216,12 +223,12 @@ pub fn readiness(app: &App) -> Response<RespBody> {
         "use_aiohttp_transport": false,
         "last_updated": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
     });
-    let status = if ready {
+    let code = if status == "healthy" {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    json_response(status, to_json(&doc))
+    json_response(code, to_json(&doc))
 }
 
 /// `GET /v1/models`: every distinct `models[].name` in config order, then the models proxy

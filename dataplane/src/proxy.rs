@@ -60,7 +60,12 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<RespBody>
         "/vhealth" => health::vhealth(),
         "/health/readiness" => health::readiness(&app),
         "/metrics" if rt.config.monitoring.prometheus_enabled => metrics_response(&app, &rt),
-        "/v1/models" if req.method() == Method::GET => health::models(&rt, &app.remote),
+        "/v1/models" if req.method() == Method::GET => {
+            if !app.remote.covers(&rt) {
+                Box::pin(app.remote.synced(&rt)).await;
+            }
+            health::models(&rt, &app.remote)
+        }
         p if PROXIED_PATHS.contains(&p) => {
             let ctx = RequestCtx {
                 request_id: request_id(req.headers()),
@@ -185,7 +190,7 @@ async fn proxy(
     .await?;
     let probe = Probe::read(&body).ok_or(ProxyError::ModelRequired)?;
     let model_id = rt.resolve_alias(&probe.model);
-    let route = resolve_route(app, rt, model_id)?;
+    let route = resolve_route(app, rt, model_id).await?;
     let upstream_model = rt.real_name(model_id).unwrap_or(model_id);
     let stream = probe.stream;
     let rewritten = request::rewrite(body.clone(), &probe, upstream_model, model_id)
@@ -351,8 +356,9 @@ impl Tried {
 }
 
 /// The credentials that serve `model_id`: its `models[]` route, or — for a model no entry
-/// names — the open route plus proxies whose remote lists the model.
-fn resolve_route<'r>(
+/// names — the open route plus proxies whose remote lists the model. A model nothing serves
+/// yet waits for the first sync of the config's proxies (their remotes may list it).
+async fn resolve_route<'r>(
     app: &App,
     rt: &'r Runtime,
     model_id: &str,
@@ -360,19 +366,34 @@ fn resolve_route<'r>(
     if let Some(route) = rt.static_route(model_id) {
         return Ok(Cow::Borrowed(route));
     }
-    let serving = app.remote.credentials_serving(model_id);
-    if !serving.is_empty() {
-        if let Some(route) = rt.route_with_remotes(&serving) {
+    if let Some(route) = remote_route(app, rt, model_id) {
+        return Ok(Cow::Owned(route));
+    }
+    let unsupported = match rt.lookup(model_id) {
+        Lookup::Route(route) => return Ok(Cow::Borrowed(route)),
+        Lookup::NotServed { unsupported } => unsupported,
+    };
+    if !app.remote.covers(rt) {
+        // Boxed, like the shared limiter's calls: a rare wait keeps its timer out of every
+        // request's future.
+        Box::pin(app.remote.synced(rt)).await;
+        if let Some(route) = remote_route(app, rt, model_id) {
             return Ok(Cow::Owned(route));
         }
     }
-    match rt.lookup(model_id) {
-        Lookup::Route(route) => Ok(Cow::Borrowed(route)),
-        Lookup::NotServed { unsupported } => Err(ProxyError::ModelNotFound {
-            model: model_id.to_owned(),
-            unsupported: unsupported.into_iter().map(str::to_owned).collect(),
-        }),
+    Err(ProxyError::ModelNotFound {
+        model: model_id.to_owned(),
+        unsupported: unsupported.into_iter().map(str::to_owned).collect(),
+    })
+}
+
+/// The open route plus the proxies whose remote lists `model_id`, if any does.
+fn remote_route(app: &App, rt: &Runtime, model_id: &str) -> Option<Route> {
+    let serving = app.remote.credentials_serving(model_id);
+    if serving.is_empty() {
+        return None;
     }
+    rt.route_with_remotes(&serving)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -6,6 +6,12 @@
 //! credential for; the remote's models are routed to it and listed in our `/v1/models` (a
 //! failed fetch keeps the last list: upstream never unregisters a remote's model, spec §7.2).
 //! Limiter windows are never touched by a sync.
+//!
+//! Upstream builds its model list from every proxy before it serves (§7.2.3). We serve at
+//! once, so until the first sync of a proxy ends its models are unknown: readiness waits for
+//! the first sync after start, and a request for a model nothing else serves waits (bounded)
+//! for the sync that covers its config, rather than get a 404 for a model the remote is about
+//! to report.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -19,7 +25,7 @@ use futures::future::join_all;
 use http::{header, Method, Request};
 use http_body_util::{BodyExt, Full, Limited};
 use serde::Deserialize;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -32,6 +38,9 @@ use crate::{
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Remote documents larger than this are refused.
 const MAX_REMOTE_BODY: usize = 10 * 1024 * 1024;
+/// How long a request waits for a proxy's first sync: its fetches run side by side, each
+/// bounded by `FETCH_TIMEOUT`, so this covers a whole sync with room to spare.
+const SYNC_WAIT: Duration = Duration::from_secs(FETCH_TIMEOUT.as_secs() + 2);
 
 /// One model a remote serves, as its `/v1/models` lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +87,8 @@ pub struct RemoteHealth {
     snapshot: ArcSwap<HashMap<String, Arc<RemoteStatus>>>,
     /// Wakes the sync task early (a new config may have new proxies).
     wake: Notify,
+    /// How many snapshots were published: requests waiting for a sync watch it.
+    published: watch::Sender<u64>,
 }
 
 impl RemoteHealth {
@@ -127,6 +138,41 @@ impl RemoteHealth {
 
     pub fn publish(&self, snapshot: HashMap<String, Arc<RemoteStatus>>) {
         self.snapshot.store(Arc::new(snapshot));
+        self.published.send_modify(|n| *n += 1);
+    }
+
+    /// Whether the first sync after start has ended, or there is nothing to sync. Readiness
+    /// waits for it; later syncs (a pushed config with a new proxy) do not take a ready
+    /// pod out of its Service.
+    pub fn started(&self, rt: &Runtime) -> bool {
+        *self.published.borrow() > 0 || !rt.credentials.iter().any(is_proxy)
+    }
+
+    /// Whether every proxy of `rt` has been synced at its current `base_url` (successfully
+    /// or not): what the snapshot says about `rt`'s remotes is then all there is to know.
+    pub fn covers(&self, rt: &Runtime) -> bool {
+        let snapshot = self.snapshot.load();
+        rt.credentials.iter().filter(|c| is_proxy(c)).all(|c| {
+            snapshot
+                .get(&*c.name)
+                .is_some_and(|s| s.models_from == c.base_url)
+        })
+    }
+
+    /// Waits until a sync covers `rt` (see [`Self::covers`]), for at most [`SYNC_WAIT`].
+    pub async fn synced(&self, rt: &Runtime) {
+        // Subscribing before the check: a publish between the two still wakes us.
+        let mut published = self.published.subscribe();
+        let wait = async {
+            while !self.covers(rt) {
+                if published.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(SYNC_WAIT, wait).await.is_err() {
+            debug!("no remote sync covered the config in time; answering with what is known");
+        }
     }
 
     /// Runs forever: sync, then sleep `health_sync_interval` of the current config (or until
@@ -135,11 +181,7 @@ impl RemoteHealth {
         loop {
             let rt = current();
             let interval = rt.config.server.health_sync_interval;
-            let proxies: Vec<&Credential> = rt
-                .credentials
-                .iter()
-                .filter(|c| c.kind == CredentialType::Proxy)
-                .collect();
+            let proxies: Vec<&Credential> = rt.credentials.iter().filter(|c| is_proxy(c)).collect();
             if !proxies.is_empty() {
                 let previous = self.snapshot.load_full();
                 let syncs = proxies.iter().map(|c| {
@@ -165,6 +207,10 @@ impl RemoteHealth {
             }
         }
     }
+}
+
+fn is_proxy(cred: &Credential) -> bool {
+    cred.kind == CredentialType::Proxy
 }
 
 /// Reads one proxy credential's remote; `last_models`: what its `/v1/models` said last time.

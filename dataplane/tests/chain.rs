@@ -398,6 +398,71 @@ async fn a_remote_that_stops_answering_keeps_its_models_routed() {
     assert_eq!(y.count(), 1);
 }
 
+/// A mock playing a remote router that serves `model`, whose `/v1/models` answers only after
+/// `delay`.
+async fn slow_remote(model: &str, delay: Duration) -> MockUpstream {
+    let r = MockUpstream::start().await;
+    r.serve_get(
+        "/health",
+        Reply::json(
+            200,
+            json!({"status": "healthy", "credentials_available": 1, "total_credentials": 1}),
+        ),
+    );
+    let models =
+        json!({"object": "list", "data": [{"id": model, "object": "model", "owned_by": "r"}]});
+    r.serve_get("/v1/models", Reply::delay(delay, Reply::json(200, models)));
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_model_is_served_while_the_first_sync_is_still_running() {
+    const SLOW: Duration = Duration::from_secs(2);
+    let r1 = slow_remote("only-on-r1", SLOW).await;
+    let r2 = slow_remote("only-on-r2", SLOW).await;
+    let config = |remotes: &[&MockUpstream]| {
+        let creds: Vec<String> = remotes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| cred(&format!("p{i}"), "proxy", B_KEY, &r.url(), &[]))
+            .collect();
+        server(MASTER_KEY, &[]) + &creds_yaml(&creds) + "models:\n  - name: gpt-4o\n"
+    };
+    let a = Router::start_with(&config(&[&r1]), StartOpts::default().answering()).await;
+    let readiness = |a: &Router| {
+        let url = a.url("/health/readiness");
+        let client = a.client().clone();
+        async move {
+            let resp = client.get(url).send().await.expect("readiness");
+            let status = resp.status().as_u16();
+            (
+                status,
+                resp.json::<Value>().await.unwrap()["status"].clone(),
+            )
+        }
+    };
+
+    // At start: not ready until the remote's models are known; a request for one of them
+    // waits for the sync instead of getting a 404.
+    assert_eq!(readiness(&a).await, (503, json!("starting")));
+    assert_eq!(a.chat_status("only-on-r1").await, 200, "{}", a.logs());
+    assert_eq!(r1.count(), 1);
+    assert_eq!(readiness(&a).await, (200, json!("healthy")));
+
+    // A pushed config with a new proxy: the pod stays ready, and the new remote's model and
+    // its /v1/models entry wait for the new proxy's first sync in the same way.
+    let (status, body) = a.push_config(&a.fill(&config(&[&r1, &r2]))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(readiness(&a).await.0, 200);
+    let listed = a.get("/v1/models").await.json::<Value>().await.unwrap();
+    assert!(listed.to_string().contains("only-on-r2"), "{listed}");
+    assert_eq!(a.chat_status("only-on-r2").await, 200, "{}", a.logs());
+    assert_eq!(r2.count(), 1);
+
+    // A model no remote lists is still a 404 once every proxy is synced.
+    assert_eq!(a.chat_status("nowhere").await, 404);
+}
+
 // ---------------------------------------------------------------------------
 // (3) A → B → A loops are cut by max_hops
 // ---------------------------------------------------------------------------

@@ -178,6 +178,8 @@ pub struct StartOpts {
     /// Use these ports instead of picking free ones (e.g. when another router's
     /// config must name this one before it starts). No retry on a port race.
     pub ports: Option<Ports>,
+    /// Return once readiness answers at all (`503 starting` too), not only once it is 200.
+    pub answering: bool,
 }
 
 impl StartOpts {
@@ -193,6 +195,11 @@ impl StartOpts {
 
     pub fn ports(mut self, ports: Ports) -> Self {
         self.ports = Some(ports);
+        self
+    }
+
+    pub fn answering(mut self) -> Self {
+        self.answering = true;
         self
     }
 }
@@ -335,7 +342,7 @@ impl Router {
                 .send()
                 .await;
             if let Ok(resp) = probe {
-                if resp.status().as_u16() == 200 {
+                if resp.status().as_u16() == 200 || opts.answering {
                     return Ok(router);
                 }
             }
@@ -1115,6 +1122,8 @@ impl Recorded {
 struct Inner {
     queue: VecDeque<Reply>,
     default: Option<Reply>,
+    /// Replies to GETs by path (every other GET gets a 404).
+    documents: Vec<(String, Reply)>,
     requests: Vec<Recorded>,
     streams_started: usize,
     streams_completed: usize,
@@ -1131,8 +1140,9 @@ struct MockState {
 /// Scriptable OpenAI-compatible upstream on 127.0.0.1:<ephemeral>.
 ///
 /// Scripted replies (`push`, then `set_default`, else `honour`) answer the
-/// API calls (any method but GET); GET requests always get a 404 and are left
-/// out of [`Self::requests`] / [`Self::count`] / [`Self::bearers`].
+/// API calls (any method but GET); GET requests get what [`Self::serve_get`]
+/// set for their path, else a 404, and are left out of [`Self::requests`] /
+/// [`Self::count`] / [`Self::bearers`].
 pub struct MockUpstream {
     addr: SocketAddr,
     state: Arc<MockState>,
@@ -1179,6 +1189,16 @@ impl MockUpstream {
     /// Queue a scripted reply (FIFO, one per request).
     pub fn push(&self, reply: Reply) {
         self.state.inner.lock().queue.push_back(reply);
+    }
+
+    /// Answer every GET of `path` with `reply` (e.g. a remote router's
+    /// `/v1/models`, to play one).
+    pub fn serve_get(&self, path: &str, reply: Reply) {
+        self.state
+            .inner
+            .lock()
+            .documents
+            .push((path.to_string(), reply));
     }
 
     /// Reply used when the queue is empty (instead of honouring the request).
@@ -1350,19 +1370,16 @@ async fn handle(
         let mut inner = state.inner.lock();
         inner.requests.push(rec.clone());
         if is_get {
-            None
+            // Not an API call (e.g. a router syncing a proxy's /health or
+            // /v1/models): a plain provider has no such documents.
+            let document = inner.documents.iter().find(|(p, _)| *p == rec.path);
+            Some(document.map_or_else(|| Reply::error(404, "not found"), |(_, r)| r.clone()))
         } else {
             inner.queue.pop_front().or_else(|| inner.default.clone())
         }
     };
     state.notify.notify_waiters();
-    let mut reply = if is_get {
-        // Not an API call (e.g. a router syncing a proxy's /health or
-        // /v1/models): this plain provider has no such documents.
-        Reply::error(404, "not found")
-    } else {
-        scripted.unwrap_or_else(|| honour(&rec))
-    };
+    let mut reply = scripted.unwrap_or_else(|| honour(&rec));
     for _ in 0..16 {
         match reply {
             Reply::Delay(d, inner) => {
