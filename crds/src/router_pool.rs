@@ -21,7 +21,7 @@ pub struct Fail2BanSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_attempts: Option<i32>,
-    /// How long a ban lasts: a duration such as 5m, or `permanent`.
+    /// How long a ban lasts: a duration such as 5m, or `permanent` (default 5m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub ban_duration: Option<String>,

@@ -177,6 +177,44 @@ async fn tokens_one_replica_was_charged_fill_the_others_window() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_token_window_frees_when_enough_of_its_oldest_tokens_expire() {
+    // TPM 30: 17 answers of 1 token, 3 s later 12 more, 3 s later one of 20 (admitted at 29).
+    // The window (49) drops below 30 only once the first burst and 3 of the second have
+    // expired: the Retry-After counts from the second burst, 20 entries into the window
+    // (past the first page the admission script reads).
+    let Pool {
+        redis,
+        mock,
+        a,
+        b: _b,
+    } = Pool::start(&["tpm: 30"], false).await;
+    mock.set_default(Reply::ok_with_usage(1));
+    let sum = format!("{{{}}}:c:2:c1:tpm:sum", key_prefix(&a));
+    let charged = |n: u64| {
+        let (redis, sum) = (&redis, &sum);
+        async move || redis.command_value(&["GET", sum]).await == Some(n.to_string())
+    };
+    for (requests, total) in [(17, 17), (12, 29)] {
+        for _ in 0..requests {
+            assert_eq!(a.chat_status("gpt-4o").await, 200);
+        }
+        assert!(eventually(Duration::from_secs(3), charged(total)).await);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    mock.push(Reply::ok_with_usage(20));
+    assert_eq!(a.chat_status("gpt-4o").await, 200, "29 < 30");
+    assert!(eventually(Duration::from_secs(3), charged(49)).await);
+
+    let resp = a.chat("gpt-4o").await;
+    assert_eq!(resp.status().as_u16(), 503);
+    let ra = retry_after(&resp).expect("a Retry-After");
+    assert!(
+        (56..=58).contains(&ra),
+        "Retry-After {ra}: the second burst frees the window ~57 s from now"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ban_earned_across_replicas_holds_on_every_replica() {
     // Default fail2ban: three 401s ban the pair for 5 minutes.
     let Pool {

@@ -217,6 +217,10 @@ pub enum BanDuration {
     For(Duration),
 }
 
+/// A ban's length when nothing says otherwise: the safe defaults' auth ban, and a `fail2ban`
+/// section without `ban_duration` (upstream's permanent ban is only ever written out, §12.6).
+pub const DEFAULT_BAN: Duration = Duration::from_secs(300);
+
 impl Serialize for BanDuration {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {

@@ -11,6 +11,7 @@ use super::{
     duration, BanDuration, ConfigError, CredentialConfig, CredentialType, ErrorCodeRule,
     Fail2BanConfig, HttpVersion, Limit, Loaded, LogLevel, MockConfig, ModelConfig,
     MonitoringConfig, Problem, RateLimitBackend, RateLimitConfig, RouterConfig, ServerConfig,
+    DEFAULT_BAN,
 };
 use crate::secret::Secret;
 
@@ -605,9 +606,15 @@ impl Parser<'_> {
                 3
             }
         };
-        let ban_duration = self
-            .ban_duration(m, "ban_duration", f)
-            .unwrap_or(BanDuration::Permanent);
+        let ban_duration = self.ban_duration(m, "ban_duration", f).unwrap_or_else(|| {
+            if m.and_then(|m| m.get("ban_duration")).is_none_or(Value::is_null) {
+                self.warn(
+                    "fail2ban.ban_duration",
+                    "not set: bans last 5m (Auto AI Router bans permanently; write `permanent` for that)",
+                );
+            }
+            BanDuration::For(DEFAULT_BAN)
+        });
         let mut error_codes =
             self.codes(m.and_then(|m| m.get("error_codes")), "fail2ban.error_codes");
         if error_codes.is_empty() {
@@ -1449,6 +1456,19 @@ mod tests {
             f.error_code_rules[0].ban_duration,
             Some(BanDuration::Permanent)
         );
+        assert!(parse(&text, &no_env).unwrap().warnings.is_empty());
+
+        // Without `ban_duration` a ban lasts 5 minutes, not for ever as upstream's did, and
+        // the load says so.
+        let unset = parse(
+            &format!("{MINIMAL}fail2ban: {{max_attempts: 5}}\n"),
+            &no_env,
+        )
+        .unwrap();
+        let f = unset.config.fail2ban.unwrap();
+        assert_eq!(f.ban_duration, BanDuration::For(DEFAULT_BAN));
+        let warned: Vec<_> = unset.warnings.iter().map(|w| w.field.as_str()).collect();
+        assert_eq!(warned, ["fail2ban.ban_duration"]);
         let dup =
             format!("{MINIMAL}fail2ban: {{error_code_rules: [{{code: 401}}, {{code: 401}}]}}\n");
         assert_eq!(fields(&dup), vec!["fail2ban.error_code_rules[1].code"]);

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::config::{BanDuration, Fail2BanConfig};
+use crate::config::{BanDuration, Fail2BanConfig, DEFAULT_BAN};
 
 /// What fail2ban does with one status code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +50,7 @@ impl Policy {
             None => {
                 let auth = CodeRule {
                     threshold: 3,
-                    duration: RuleDuration::Fixed(BanDuration::For(Duration::from_secs(300))),
+                    duration: RuleDuration::Fixed(BanDuration::For(DEFAULT_BAN)),
                 };
                 rules.insert(401, auth);
                 rules.insert(403, auth);

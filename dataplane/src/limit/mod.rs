@@ -104,6 +104,9 @@ impl LocalLimits {
 const MAX_IDLE_PAIRS: usize = 1024;
 /// Past this many active pairs, pairs without limits of their own are not tracked.
 const MAX_PAIRS: usize = 4096;
+/// Past this many, not even a failure that may ban the pair is tracked (a client's made-up
+/// model names must not grow the map without bound while a provider refuses every one).
+const MAX_STRIKE_PAIRS: usize = 4 * MAX_PAIRS;
 
 /// Windows and bans of one credential and its pairs. Carried across config reloads while the
 /// credential's name still exists.
@@ -132,8 +135,9 @@ struct PairState {
 }
 
 impl PairState {
-    fn is_idle(&self) -> bool {
-        self.rpm.is_empty() && self.tpm.is_empty() && self.bans.is_idle()
+    /// Nothing in the windows (expired events pruned first) and no ban or strike.
+    fn is_idle(&mut self, now: Instant) -> bool {
+        self.rpm.sum(now) == 0 && self.tpm.sum(now) == 0 && self.bans.is_idle()
     }
 
     /// Lifts the pair's ban if it has expired, and remembers the unban in `unbans` for the
@@ -151,12 +155,12 @@ impl CredInner {
     /// active pairs and this one needs no state of its own: with no `models[]` filter a client
     /// can send any number of made-up model names, and each would otherwise hold memory for a
     /// minute. A pair with its own limits (`required`) always gets state.
-    fn ensure_pair(&mut self, model: &str, required: bool) -> bool {
+    fn ensure_pair(&mut self, model: &str, required: bool, now: Instant) -> bool {
         if self.pairs.contains_key(model) {
             return true;
         }
         if self.pairs.len() >= MAX_IDLE_PAIRS {
-            self.pairs.retain(|_, p| !p.is_idle());
+            self.pairs.retain(|_, p| !p.is_idle(now));
         }
         if self.pairs.len() >= MAX_PAIRS && !required {
             return false;
@@ -201,7 +205,7 @@ impl CredState {
     pub fn admit(&self, model: &str, limits: &SlotLimits, now: Instant) -> Admission {
         let mut inner = self.inner.lock();
         let inner = &mut *inner;
-        let tracked = inner.ensure_pair(model, limits.has_pair_limits());
+        let tracked = inner.ensure_pair(model, limits.has_pair_limits(), now);
         let CredInner {
             rpm,
             tpm,
@@ -245,7 +249,7 @@ impl CredState {
         }
         let mut inner = self.inner.lock();
         inner.tpm.add(now, tokens);
-        if inner.ensure_pair(model, false) {
+        if inner.ensure_pair(model, false, now) {
             if let Some(pair) = inner.pairs.get_mut(model) {
                 pair.tpm.add(now, tokens);
             }
@@ -263,7 +267,10 @@ impl CredState {
         if (200..300).contains(&outcome.status) && !inner.pairs.contains_key(model) {
             return None; // nothing to reset
         }
-        if !inner.ensure_pair(model, false) {
+        // A failure that may ban the pair is tracked even when the map is full of pairs.
+        let may_ban = outcome.counts && policy.rule(outcome.status).is_some();
+        let required = may_ban && inner.pairs.len() < MAX_STRIKE_PAIRS;
+        if !inner.ensure_pair(model, required, now) {
             return None;
         }
         let CredInner { pairs, unbans, .. } = &mut *inner;
@@ -277,7 +284,7 @@ impl CredState {
     pub fn mirror_admitted(&self, model: &str, limits: &SlotLimits, now: Instant) {
         let mut inner = self.inner.lock();
         inner.rpm.add(now, 1);
-        if inner.ensure_pair(model, limits.has_pair_limits()) {
+        if inner.ensure_pair(model, limits.has_pair_limits(), now) {
             if let Some(pair) = inner.pairs.get_mut(model) {
                 pair.rpm.add(now, 1);
             }
@@ -285,14 +292,21 @@ impl CredState {
     }
 
     /// Records a ban the shared backend reported, and the outcome's status (when it is an
-    /// error) as the last error.
+    /// error) as the last error. A success clears the strikes this replica counted on its own
+    /// (while Redis was out), as it clears Redis's.
     pub fn mirror_ban(&self, model: &str, status: Option<u16>, ban: Option<Ban>) {
+        if status.is_some_and(|s| (200..300).contains(&s)) {
+            if let Some(pair) = self.inner.lock().pairs.get_mut(model) {
+                pair.bans.strikes.clear();
+            }
+            return;
+        }
         let error = status.filter(|s| *s >= 400);
         if error.is_none() && ban.is_none() {
             return;
         }
         let mut inner = self.inner.lock();
-        if !inner.ensure_pair(model, ban.is_some()) {
+        if !inner.ensure_pair(model, ban.is_some(), Instant::now()) {
             return;
         }
         if let Some(pair) = inner.pairs.get_mut(model) {
@@ -526,6 +540,51 @@ mod tests {
             s.admit("configured", &limited, t0),
             Admission::Limited { .. }
         ));
+    }
+
+    #[test]
+    fn a_full_map_still_bans_and_makes_room_once_its_windows_expire() {
+        let s = CredState::default();
+        let t0 = Instant::now();
+        let unlimited = SlotLimits::default();
+        for i in 0..MAX_PAIRS {
+            s.admit(&format!("m{i}"), &unlimited, t0);
+        }
+        // Full of active pairs: a failure that may ban is still counted for a new model.
+        let policy = fail2ban::Policy::compile(None);
+        let limited = fail2ban::Outcome {
+            status: 429,
+            retry_after: None,
+            counts: true,
+        };
+        let ban = s.record_outcome("victim", limited, &policy, t0);
+        assert!(ban.is_some(), "one 429 cools the pair down");
+        assert!(matches!(
+            s.admit("victim", &unlimited, t0),
+            Admission::Banned { .. }
+        ));
+        // A minute later the old pairs are idle, though nobody read their windows since: a
+        // new model is tracked again.
+        let later = t0 + WINDOW + Duration::from_secs(1);
+        s.admit("new", &unlimited, later);
+        assert!(s.inner.lock().pairs.contains_key("new"));
+        assert!(s.inner.lock().pairs.len() < MAX_PAIRS);
+    }
+
+    #[test]
+    fn a_success_seen_through_redis_clears_the_strikes_counted_here() {
+        let s = CredState::default();
+        let now = Instant::now();
+        let failed = fail2ban::Outcome {
+            status: 401,
+            retry_after: None,
+            counts: true,
+        };
+        let policy = fail2ban::Policy::compile(None);
+        assert_eq!(s.record_outcome("m", failed, &policy, now), None);
+        assert_eq!(s.usage(now).pairs[0].strikes, [(401, 1)]);
+        s.mirror_ban("m", Some(200), None);
+        assert!(s.usage(now).pairs[0].strikes.is_empty());
     }
 
     #[test]

@@ -186,11 +186,23 @@ impl SharedLimits {
         LocalLimits::share_of(self.settings.replicas)
     }
 
-    /// False while a recent failure says not to wait for Redis.
+    /// False while a recent failure says not to wait for Redis. When that pause ends, the
+    /// first caller gets `true` and tries Redis while the others keep the local share for one
+    /// more pause (unless its call succeeds first): a Redis that does not answer then costs
+    /// `rate_limit.timeout` to one request a second, not to every request of that second.
     pub fn available(&self) -> bool {
-        self.down_until
-            .lock()
-            .is_none_or(|until| Instant::now() >= until)
+        let mut down = self.down_until.lock();
+        match *down {
+            None => true,
+            Some(until) => {
+                let now = Instant::now();
+                if now < until {
+                    return false;
+                }
+                *down = Some(now + RETRY_AFTER_FAILURE);
+                true
+            }
+        }
     }
 
     fn connection(&self) -> Result<Connection, redis::RedisError> {
@@ -350,7 +362,9 @@ impl SharedLimits {
         limits: SlotLimits,
         tokens: u64,
     ) {
-        if tokens == 0 || !self.available() {
+        // Tried even while admissions skip Redis after a failure: it costs no request any
+        // time, and a charge left out would let every replica admit those tokens again.
+        if tokens == 0 {
             return;
         }
         let this = self.clone();
@@ -513,14 +527,22 @@ local function count_frees(k, n, limit)
   return tonumber(e[2]) + window - now
 end
 
+-- When a full token window drops below its limit: walk the oldest events in growing pages
+-- (the answer is usually among the first few; reading the whole set would make every refused
+-- request cost O(window) while Redis runs nothing else).
 local function total_frees(k, sum, limit)
-  local e = redis.call('ZRANGE', k, 0, -1, 'WITHSCORES')
   local left = sum
-  for i = 1, #e, 2 do
-    left = left - tonumber(string.match(e[i], ':(%d+)$'))
-    if left < limit then return tonumber(e[i + 1]) + window - now end
+  local from, page = 0, 16
+  while true do
+    local e = redis.call('ZRANGE', k, from, from + page - 1, 'WITHSCORES')
+    for i = 1, #e, 2 do
+      left = left - tonumber(string.match(e[i], ':(%d+)$'))
+      if left < limit then return tonumber(e[i + 1]) + window - now end
+    end
+    if #e < 2 * page then return -1 end
+    from = from + page
+    page = page * 2
   end
-  return -1
 end
 
 local out = {0, 0}
@@ -621,6 +643,29 @@ return 1
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn after_a_pause_one_caller_tries_redis_again_and_the_rest_wait() {
+        let settings = RateLimitConfig {
+            backend: crate::config::RateLimitBackend::Redis,
+            redis_url: Some(crate::secret::Secret::new("redis://127.0.0.1:1")),
+            ..RateLimitConfig::default()
+        };
+        let shared = SharedLimits::new(&settings).unwrap();
+        assert!(shared.available());
+        *shared.down_until.lock() = Some(Instant::now() + RETRY_AFTER_FAILURE);
+        assert!(!shared.available(), "paused after a failure");
+        *shared.down_until.lock() = Some(Instant::now());
+        assert!(
+            shared.available(),
+            "the pause is over: one caller tries Redis"
+        );
+        assert!(
+            !shared.available(),
+            "the others keep the local share meanwhile"
+        );
+        assert!(!shared.available());
+    }
 
     #[test]
     fn verdicts_read_every_refusal_in_order() {

@@ -1,9 +1,11 @@
 //! An exact 60-second sliding window of counts (requests or tokens).
 //!
 //! Events are kept with their time; the sum counts every event strictly younger than 60 s.
-//! Events within one millisecond are merged into one entry stamped with the *later* time, so a
-//! window holds at most 60,000 entries whatever the traffic, and merging can only make an
-//! event expire later — never admit more than the limit.
+//! Events within one millisecond of an entry's *first* event are merged into it, stamped with
+//! the latest one's time, so a window holds at most 60,000 entries whatever the traffic, and
+//! merging makes an event expire at most 1 ms late — never admit more than the limit. (Measured
+//! from the entry's last event instead, a steady stream under 1 ms apart would merge into one
+//! entry that never expires.)
 
 use std::{
     collections::VecDeque,
@@ -17,6 +19,8 @@ const MERGE: Duration = Duration::from_millis(1);
 pub struct Window {
     events: VecDeque<(Instant, u64)>,
     sum: u64,
+    /// When the last entry's first event came: later events merge into it within [`MERGE`].
+    last_opened: Option<Instant>,
 }
 
 impl Window {
@@ -26,7 +30,7 @@ impl Window {
                 break;
             }
             self.events.pop_front();
-            self.sum -= n;
+            self.sum = self.sum.saturating_sub(n);
         }
     }
 
@@ -40,15 +44,17 @@ impl Window {
         if n == 0 {
             return;
         }
-        self.sum += n;
-        if let Some(last) = self.events.back_mut() {
-            if now.saturating_duration_since(last.0) < MERGE {
+        // Saturating: a provider's absurd `total_tokens` must not wrap the sum to "room".
+        self.sum = self.sum.saturating_add(n);
+        if let (Some(last), Some(opened)) = (self.events.back_mut(), self.last_opened) {
+            if now.saturating_duration_since(opened) < MERGE {
                 last.0 = last.0.max(now);
-                last.1 += n;
+                last.1 = last.1.saturating_add(n);
                 return;
             }
         }
         self.events.push_back((now, n));
+        self.last_opened = Some(now);
     }
 
     /// Whether one more event fits under `limit` (`None`: unlimited).
@@ -69,10 +75,6 @@ impl Window {
             }
         }
         None
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
     }
 }
 
@@ -117,5 +119,32 @@ mod tests {
             100,
             "merged events expire no earlier than the last one"
         );
+    }
+
+    #[test]
+    fn a_steady_stream_under_a_millisecond_apart_still_slides() {
+        // 2,000 events a second for 90 s: the window holds the last 60 s of them, not all.
+        let t0 = Instant::now();
+        let mut w = Window::default();
+        let step = Duration::from_micros(500);
+        for i in 0..180_000u32 {
+            w.add(t0 + step * i, 1);
+        }
+        let now = t0 + step * 180_000;
+        let sum = w.sum(now);
+        assert!((120_000..=120_002).contains(&sum), "{sum}");
+        assert!(w.events.len() <= 60_001, "{}", w.events.len());
+    }
+
+    #[test]
+    fn absurd_token_counts_saturate() {
+        let t0 = Instant::now();
+        let mut w = Window::default();
+        w.add(t0, u64::MAX);
+        w.add(t0, 2);
+        w.add(t0 + Duration::from_secs(1), 3);
+        assert_eq!(w.sum(t0 + Duration::from_secs(2)), u64::MAX);
+        assert!(!w.has_room(t0 + Duration::from_secs(2), Some(u64::MAX)));
+        assert_eq!(w.sum(t0 + WINDOW + Duration::from_secs(2)), 0);
     }
 }

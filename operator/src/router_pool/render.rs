@@ -9,6 +9,7 @@ use airouter::{
         duration, BanDuration, CredentialConfig, CredentialType as DpType, ErrorCodeRule,
         Fail2BanConfig, HttpVersion as DpHttpVersion, Limit, LogLevel, ModelConfig,
         MonitoringConfig, RateLimitBackend, RateLimitConfig, RouterConfig, ServerConfig,
+        DEFAULT_BAN,
     },
     secret::Secret,
 };
@@ -265,7 +266,7 @@ fn fail2ban(spec: &Fail2BanSpec) -> Result<Fail2BanConfig, RenderError> {
     Ok(Fail2BanConfig {
         max_attempts: spec.max_attempts.map_or(3, |n| n.max(1) as u32),
         ban_duration: match &spec.ban_duration {
-            None => BanDuration::Permanent,
+            None => BanDuration::For(DEFAULT_BAN),
             Some(text) => ban_duration("spec.fail2ban.banDuration", text)?,
         },
         error_codes,
