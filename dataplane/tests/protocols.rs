@@ -167,3 +167,79 @@ async fn a_request_body_that_stalls_gets_408() {
         "answered after {waited:?}, idle_timeout is 1 s"
     );
 }
+
+/// A client that sends part of the HTTP/2 preface and stops is closed after `idle_timeout`
+/// like any silent client (the protocol is not known yet, but the clock runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_http2_preface_is_closed_after_idle_timeout() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let router = Router::start(&yaml_with(&["idle_timeout: 1s"])).await;
+    let mut sock = connect(&router).await;
+    let sent = Instant::now();
+    sock.write_all(b"PRI * HTTP").await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut byte)).await;
+    assert_eq!(read.expect("closed within 10 s").unwrap_or(0), 0);
+    let after = sent.elapsed();
+    assert!(
+        (Duration::from_millis(800)..Duration::from_secs(5)).contains(&after),
+        "closed after {after:?}, idle_timeout is 1 s"
+    );
+}
+
+/// An HTTP/2 connection with no stream open for `idle_timeout` is closed (hyper keeps one
+/// whose client answers pings for ever); one whose stream outlasts `idle_timeout` is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_but_not_while_a_stream_runs() {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use std::time::{Duration, Instant};
+    let router = Router::start(
+        &(server_yaml(0, &["idle_timeout: 1s"])
+            + "credentials:\n  - name: m\n    type: mock\n    mock: {chunks: 3, chunk_interval: 800ms}\n"),
+    )
+    .await;
+    let tcp = connect(&router).await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Full<bytes::Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let (ended_tx, ended) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = conn.await;
+        let _ = ended_tx.send(Instant::now());
+    });
+
+    // A stream of 3 chunks 800 ms apart: 2.4 s on a connection with a 1 s idle_timeout.
+    let body = serde_json::to_vec(&chat_stream_body("gpt-4o-mini")).unwrap();
+    let req = hyper::Request::post(router.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {MASTER_KEY}"))
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let started = Instant::now();
+    let text = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("the stream finished within 10 s")
+        .expect("the stream ran to its end")
+        .to_bytes();
+    assert!(started.elapsed() > Duration::from_millis(1500));
+    assert!(String::from_utf8_lossy(&text).contains("[DONE]"));
+
+    // Then nothing: the router closes the connection about 1 s after the stream ended.
+    let idle_from = Instant::now();
+    let ended_at = tokio::time::timeout(Duration::from_secs(10), ended)
+        .await
+        .expect("closed within 10 s")
+        .unwrap();
+    let idle = ended_at.saturating_duration_since(idle_from);
+    assert!(
+        (Duration::from_millis(500)..Duration::from_secs(5)).contains(&idle),
+        "closed after {idle:?} idle, idle_timeout is 1 s (at once: the stream did not hold it open)"
+    );
+}

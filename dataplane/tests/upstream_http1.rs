@@ -301,3 +301,94 @@ async fn idle_connections_past_the_limit_or_the_timeout_are_closed() {
     assert_eq!(router.chat_status("m").await, 200);
     assert_eq!(up.connections(), 4);
 }
+
+/// An upstream that answers `401` to a request with a body over 1 MiB before reading it, and
+/// keeps that connection open without reading on (as some servers do); every other request
+/// gets a completion. Returns its address and how many connections it accepted.
+async fn early_answering_upstream() -> (SocketAddr, Arc<Mutex<usize>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(Mutex::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            *count.lock() += 1;
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 16 * 1024];
+                loop {
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    if length > 1024 * 1024 {
+                        let body =
+                            r#"{"error":{"message":"bad key","type":"invalid_request_error"}}"#;
+                        let resp = format!("HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                        let _ = tcp.write_all(resp.as_bytes()).await;
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        return;
+                    }
+                    while buf.len() < head_end + length {
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..head_end + length);
+                    let body = serde_json::json!({
+                        "id": "c", "object": "chat.completion",
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+                    })
+                    .to_string();
+                    let resp = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                    if tcp.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_still_sending_a_body_the_upstream_refused_is_not_lent_again() {
+    // The upstream answers 401 before reading a 32 MiB prompt and stops reading: that
+    // connection is busy writing the rest for as long as the upstream keeps it open. The
+    // next request must go on another connection, not wait there for `request_timeout`.
+    let (addr, accepted) = early_answering_upstream().await;
+    let yaml = server_yaml(0, &["request_timeout: 20s", "max_body_size_mb: 64"])
+        + &creds_yaml(&[cred(
+            "up",
+            "openai",
+            "sk-up",
+            &format!("http://{addr}"),
+            &[],
+        )]);
+    let router = Router::start(&yaml).await;
+    let mut big = chat_body("m");
+    big["messages"][0]["content"] = "x".repeat(32 * 1024 * 1024).into();
+    let resp = router.post("/v1/chat/completions", &big).await;
+    assert_eq!(resp.status().as_u16(), 401);
+
+    let started = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(10), router.chat_status("m"))
+        .await
+        .expect("the next request waited on the busy connection");
+    assert_eq!(status, 200, "{}", router.logs());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(*accepted.lock(), 2, "a second connection");
+}

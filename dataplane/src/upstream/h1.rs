@@ -31,6 +31,9 @@ use super::{
     origin::{sweep, ByOrigin, Origin},
 };
 
+/// How long an idle connection that is not ready at once may take to become so.
+const READY_WAIT: Duration = Duration::from_millis(100);
+
 /// Why a request could not be sent over HTTP/1.1.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -90,16 +93,31 @@ impl OriginIdle {
         !idle.send.is_closed() && now_ms.saturating_sub(idle.since_ms) < self.idle_ms
     }
 
-    /// The most recently used idle connection that is still open, once it is ready for a
-    /// request (a connection whose last response has just ended may need its task to run
-    /// once more first).
+    /// The most recently used idle connection that is still open and ready for a request.
+    /// It usually is at once; one whose last response has just ended may need its task to run
+    /// once more, so it gets [`READY_WAIT`]. One still writing a request body the upstream
+    /// answered early and stopped reading would never be: it is dropped (closed), not waited
+    /// on until `request_timeout`.
     async fn checkout(&self) -> Option<http1::SendRequest<Full<Bytes>>> {
         let now_ms = self.now_ms();
         loop {
             let mut idle = self.idle.lock().pop()?;
-            if self.is_fresh(&idle, now_ms) && idle.send.ready().await.is_ok() {
+            if !self.is_fresh(&idle, now_ms) {
+                continue;
+            }
+            let ready = match idle.send.ready().now_or_never() {
+                Some(ready) => ready.is_ok(),
+                // Boxed: the timer is for the rare case and stays out of every request's
+                // future.
+                None => matches!(
+                    Box::pin(tokio::time::timeout(READY_WAIT, idle.send.ready())).await,
+                    Ok(Ok(()))
+                ),
+            };
+            if ready {
                 return Some(idle.send);
             }
+            debug!(origin = %self.origin, "idle HTTP/1.1 connection not ready; closing it");
         }
     }
 
