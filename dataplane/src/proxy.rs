@@ -37,7 +37,7 @@ use crate::{
     request::{self, Probe, Rewritten},
     runtime::{Credential, Lookup, Route, Runtime, Slot, Tier},
     select::{select, select_shared, Exhausted, Pick, Query},
-    stream::{usage, TokenUsage, UsageTap},
+    stream::{usage, Silence, StreamEnd, TokenUsage, UsageTap},
     upstream::{self, HOPS_HEADER},
 };
 
@@ -278,6 +278,7 @@ async fn proxy(
                         stream,
                         tokens.unwrap_or_default(),
                         elapsed,
+                        StreamEnd::Complete.as_str(),
                     );
                 }
                 return Ok(resp);
@@ -308,6 +309,7 @@ async fn proxy(
                 stream,
                 TokenUsage::default(),
                 elapsed,
+                StreamEnd::Complete.as_str(),
             );
             Ok(resp)
         }
@@ -406,6 +408,7 @@ fn access_log(
     stream: bool,
     tokens: TokenUsage,
     duration: Duration,
+    end: &str,
 ) {
     info!(
         target: "airouter::access",
@@ -415,6 +418,7 @@ fn access_log(
         status,
         attempts,
         stream,
+        end,
         prompt_tokens = tokens.prompt,
         completion_tokens = tokens.completion,
         total_tokens = tokens.total,
@@ -451,6 +455,17 @@ impl Forward<'_> {
             model: self.model_id,
             limits: self.rt.slot_limits(slot),
         }
+    }
+
+    /// Whether a config applied while this request ran replaced `cred`'s key or endpoint
+    /// (the rotation cleared its bans): the old key's failures in flight must not ban the new
+    /// one.
+    fn key_replaced(&self, cred: &Credential) -> bool {
+        let current = self.app.current();
+        !std::ptr::eq(&*current, self.rt)
+            && current
+                .credential(&cred.name)
+                .is_some_and(|now| now.ban_scope != cred.ban_scope)
     }
 
     fn count_skipped(&self, e: &Exhausted) {
@@ -499,6 +514,12 @@ impl Forward<'_> {
             .ok(),
             None => None,
         };
+        if self.key_replaced(cred) {
+            // Its state now belongs to the new key (Redis keeps outcomes under the old key's
+            // ban scope, so that call above was harmless).
+            debug!(request_id = self.ctx.id(), credential = %cred.name, status = outcome.status, "outcome of a replaced key not recorded");
+            return;
+        }
         let ban = match from_redis {
             Some(ban) => {
                 cred.state
@@ -728,7 +749,10 @@ impl Forward<'_> {
             request_id: self.ctx.request_id.clone(),
             started: self.ctx.started,
         };
-        let on_done = Box::new(move |tokens: TokenUsage| {
+        let on_done = Box::new(move |tokens: TokenUsage, end: StreamEnd| {
+            if let StreamEnd::Failed(error) = &end {
+                warn!(request_id = ctx.id(), credential = %name, error = %error, "upstream stream failed; the client's stream is cut short");
+            }
             if tokens.total > 0 {
                 let slot = SlotRef {
                     state: &state,
@@ -747,9 +771,11 @@ impl Forward<'_> {
                 true,
                 tokens,
                 ctx.started.elapsed(),
+                end.as_str(),
             );
         });
         let strip = sse && self.body.injected_usage;
+        let body = Silence::new(body, self.rt.config.server.request_timeout);
         let tap = UsageTap::new(body, strip, sse, on_done);
         Response::from_parts(parts, tap.boxed_unsync())
     }

@@ -7,12 +7,14 @@
 //! are forwarded as soon as they are complete, except the usage-only event. When the body ends
 //! or is dropped (client gone), the tokens seen are charged once. Dropping the tap drops the
 //! upstream body, which closes the upstream connection: a client disconnect cancels the
-//! generation.
+//! generation. [`Silence`] ends a stream whose upstream stops sending without closing.
 
 use std::{
+    future::Future,
     pin::Pin,
     sync::LazyLock,
     task::{ready, Context, Poll},
+    time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
@@ -320,8 +322,29 @@ fn next_event(buf: &[u8]) -> Option<(usize, bool)> {
     Some((end, inspect))
 }
 
-/// Called once with the tokens a stream reported, when it ends or is dropped.
-pub type OnDone = Box<dyn FnOnce(TokenUsage) + Send>;
+/// How a stream ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The upstream's body ended.
+    Complete,
+    /// The upstream's body failed: its connection broke, or it fell silent ([`Silence`]).
+    Failed(String),
+    /// The client went away (or the response was dropped) first.
+    Abandoned,
+}
+
+impl StreamEnd {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StreamEnd::Complete => "complete",
+            StreamEnd::Failed(_) => "upstream_error",
+            StreamEnd::Abandoned => "client_gone",
+        }
+    }
+}
+
+/// Called once with the tokens a stream reported and how it ended.
+pub type OnDone = Box<dyn FnOnce(TokenUsage, StreamEnd) + Send>;
 
 pin_project_lite::pin_project! {
     /// Generic over the upstream body, so the upstream's body is polled directly rather than
@@ -342,7 +365,7 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(done) = this.on_done.take() {
-                done(*this.tokens);
+                done(*this.tokens, StreamEnd::Abandoned);
             }
         }
     }
@@ -499,10 +522,16 @@ where
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
                 }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                Some(Err(e)) => {
+                    let e: BoxError = e.into();
+                    if let Some(done) = this.on_done.take() {
+                        done(*this.tokens, StreamEnd::Failed(e.to_string()));
+                    }
+                    return Poll::Ready(Some(Err(e)));
+                }
                 None => {
                     if let Some(done) = this.on_done.take() {
-                        done(*this.tokens);
+                        done(*this.tokens, StreamEnd::Complete);
                     }
                     if *this.strip && !this.pending.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(this.pending.split().freeze()))));
@@ -515,6 +544,83 @@ where
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+/// The error a silent stream ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent nothing for {0:?} (server.request_timeout); stream ended")]
+pub struct Silent(Duration);
+
+pin_project_lite::pin_project! {
+    /// Ends a stream (with [`Silent`]) whose upstream has sent nothing for `limit`, at most
+    /// twice that: frames are counted, not timed, so a chunk costs no clock read, and the
+    /// timer is reset only when it fires.
+    pub struct Silence<B> {
+        #[pin]
+        inner: B,
+        limit: Option<Duration>,
+        frames: u64,
+        // `frames` when the timer was last set.
+        seen: u64,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<B> Silence<B> {
+    /// `limit`: `None` never ends the stream.
+    pub fn new(inner: B, limit: Option<Duration>) -> Self {
+        Self {
+            inner,
+            limit,
+            frames: 0,
+            seen: 0,
+            timer: None,
+        }
+    }
+}
+
+impl<B> Body for Silence<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            *this.frames += 1;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let Some(limit) = *this.limit else {
+            return Poll::Pending;
+        };
+        let (frames, seen) = (*this.frames, &mut *this.seen);
+        let timer = this.timer.get_or_insert_with(|| {
+            *seen = frames;
+            Box::pin(tokio::time::sleep(limit))
+        });
+        loop {
+            ready!(timer.as_mut().poll(cx));
+            if *this.frames == *this.seen {
+                return Poll::Ready(Some(Err(Silent(limit).into())));
+            }
+            *this.seen = *this.frames;
+            timer.as_mut().reset(tokio::time::Instant::now() + limit);
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -548,7 +654,7 @@ mod tests {
             inner,
             strip,
             true,
-            Box::new(move |t: TokenUsage| s.store(t.total, Ordering::SeqCst)),
+            Box::new(move |t: TokenUsage, _| s.store(t.total, Ordering::SeqCst)),
         );
         let bytes = tap.collect().await.unwrap().to_bytes();
         (

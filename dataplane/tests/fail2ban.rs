@@ -482,3 +482,52 @@ async fn upstream_timeout_gives_408() {
         start.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_of_a_replaced_key_still_in_flight_do_not_ban_the_new_one() {
+    // Three requests on the old key are answered 401 (the default rule's threshold) only
+    // after the key has been rotated: they must not ban the pair for the new key.
+    let mock = MockUpstream::start().await;
+    let config = |key: &str| {
+        admin_server_yaml(0, &[]) + &creds_yaml(&[cred("c1", "openai", key, &mock.url(), &[])])
+    };
+    let router = Router::start(&config("sk-old")).await;
+    for _ in 0..3 {
+        mock.push(Reply::delay(
+            Duration::from_millis(1500),
+            Reply::error(401, "revoked"),
+        ));
+    }
+    let in_flight: Vec<_> = (0..3)
+        .map(|_| {
+            let url = router.url("/v1/chat/completions");
+            let client = router.client().clone();
+            tokio::spawn(async move {
+                client
+                    .post(url)
+                    .bearer_auth(MASTER_KEY)
+                    .json(&chat_body("gpt-4o"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    assert!(mock.wait_requests(3, Duration::from_secs(5)).await);
+    let (status, body) = router.push_config(&router.fill(&config("sk-new"))).await;
+    assert_eq!(status, 200, "{body}");
+    for request in in_flight {
+        assert_eq!(request.await.unwrap(), 401);
+    }
+
+    assert_eq!(router.chat_status("gpt-4o").await, 200, "{}", router.logs());
+    assert_eq!(mock.bearers().last().map(String::as_str), Some("sk-new"));
+    let (_, health) = router.health().await;
+    assert_eq!(
+        health["credentials"]["c1"]["is_banned"],
+        json!(false),
+        "{health}"
+    );
+}

@@ -242,3 +242,54 @@ async fn upstream_stream_error_status_is_retried_before_streaming() {
     assert!(sse.has_done());
     assert_eq!(mock.bearers(), vec!["sk-c1", "sk-c2"]);
 }
+
+/// A stream whose upstream stops sending without closing is ended after `request_timeout`
+/// of silence (at most twice that), the upstream request cancelled and the end logged; one
+/// whose chunks come closer together than that runs to its end however long it lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_stream_is_ended_after_request_timeout() {
+    let mock = MockUpstream::start().await;
+    let yaml = server_yaml(0, &["request_timeout: 1s"])
+        + &creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), &[])]);
+    let router = Router::start(&yaml).await;
+
+    // 5 chunks 600 ms apart: 2.4 s in all, no gap of 1 s.
+    mock.push(Reply::stream(
+        openai_stream(5, true, 9),
+        Duration::from_millis(600),
+    ));
+    let start = Instant::now();
+    let resp = router
+        .post("/v1/chat/completions", &chat_stream_body("gpt-4o"))
+        .await;
+    let sse = read_sse(resp, start, None, Duration::from_secs(10)).await;
+    assert!(sse.has_done(), "{sse:?}");
+    assert!(start.elapsed() > Duration::from_secs(2));
+
+    // The first chunk, then 6 s of nothing.
+    mock.push(Reply::stream(
+        openai_stream(2, true, 9),
+        Duration::from_secs(6),
+    ));
+    let start = Instant::now();
+    let resp = router
+        .post("/v1/chat/completions", &chat_stream_body("gpt-4o"))
+        .await;
+    assert_eq!(resp.status().as_u16(), 200);
+    let sse = read_sse(resp, start, None, Duration::from_secs(10)).await;
+    let ended = start.elapsed();
+    assert!(!sse.timed_out && !sse.has_done(), "{sse:?}");
+    assert!(sse.error.is_some(), "cut short, not ended cleanly: {sse:?}");
+    assert_eq!(sse.choice_chunks().len(), 1, "{sse:?}");
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(4)).contains(&ended),
+        "ended after {ended:?}; request_timeout is 1 s"
+    );
+    assert!(
+        mock.wait_stream_aborted(Duration::from_secs(5)).await,
+        "upstream cancelled"
+    );
+    let logs = router.logs();
+    assert!(logs.contains("end=\"upstream_error\""), "{logs}");
+    assert!(logs.contains("sent nothing for 1s"), "{logs}");
+}

@@ -377,7 +377,7 @@ async fn http2_required_but_refused_fails_over_to_the_next_credential() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bad_ssl_cert_file_is_reported_and_the_builtin_roots_stay() {
+async fn a_bad_ssl_cert_file_is_reported_and_the_router_still_serves() {
     let dir = tempfile::tempdir().unwrap();
     let bogus = dir.path().join("not-a-ca.pem");
     std::fs::write(&bogus, "not a certificate\n").unwrap();

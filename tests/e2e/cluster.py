@@ -42,7 +42,9 @@ def wait_for(what: str, check, timeout: float = 30.0, interval: float = 0.05):
     """Polls `check` until it returns something truthy; fails naming `what` after `timeout`."""
     deadline = time.monotonic() + timeout
     last_error = None
-    while time.monotonic() < deadline:
+    for _ in range(int(timeout / interval) + 1):
+        if time.monotonic() >= deadline:
+            break
         try:
             value = check()
             if value:

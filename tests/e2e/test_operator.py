@@ -198,7 +198,9 @@ def test_examples_become_ready_and_route_round_robin_then_fall_back(env):
              lambda: ((cp.get("credential", "openai-primary-a", ns)["status"].get("live") or {}).get("banned")))
     wait_for("a Banned Event", lambda: events(cp, ns, "Banned"))
     table = cp.kubectl("get", "credentials", "-n", ns).stdout
-    assert "openai-primary-a" in table and "true" in table, table
+    header, *rows = [line.split() for line in table.splitlines()]
+    row = next(r for r in rows if r[0] == "openai-primary-a")
+    assert row[header.index("BANNED")] == "true", table
     mock.fail.clear()
     for pod in (*main, backup):
         kubelet.stop_pod(pod)
@@ -324,7 +326,7 @@ def test_replicas_share_their_limits_in_a_redis_cluster(env, tmp_path):
                        check=True, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
         for port in ports:
             wait_for(f"node {port} sees the cluster ok", lambda port=port: "cluster_state:ok" in subprocess.run(
-                ["redis-cli", "-p", str(port), "cluster", "info"], capture_output=True, text=True).stdout)
+                ["redis-cli", "-p", str(port), "cluster", "info"], capture_output=True, text=True, timeout=10).stdout)
 
         ns = cp.new_namespace("redis-cluster")
         cp.kubectl("-n", ns, "create", "secret", "generic", "redis",
@@ -341,7 +343,8 @@ def test_replicas_share_their_limits_in_a_redis_cluster(env, tmp_path):
         key = f"sk-master-{ns}"
         assert [chat(pod, key)[0] for pod in (pods[0], pods[1], pods[0])] == [200, 200, 200]
         assert [chat(pod, key)[0] for pod in pods] == [503, 503], "3 RPM for the pool, held by the cluster"
-        keys = [int(subprocess.run(["redis-cli", "-p", str(p), "dbsize"], capture_output=True, text=True).stdout)
+        keys = [int(subprocess.run(["redis-cli", "-p", str(p), "dbsize"], capture_output=True, text=True,
+                                   timeout=10).stdout)
                 for p in ports]
         assert sum(1 for n in keys if n) == 1, f"the pool's keys are in one slot: {keys}"
         for pod in pods:
@@ -526,7 +529,7 @@ def test_key_rotation_reaches_the_pod_and_resets_the_ban(env):
     kubelet.stop_pod(pod)
 
 
-def test_changes_reach_every_pod_within_a_second(env):
+def test_changes_reach_every_pod_and_the_time_they_take_is_reported(env):
     """20+ changes (rpm edits, key rotations, deletions and re-creations), each timed from the
     kubectl call to the moment every pod serves it. The figures go to target/e2e-latency.json;
     the goal (p99 ≤ 1 s) is reported, not asserted: timing targets belong to benchmarks."""
@@ -603,13 +606,19 @@ def test_reapplying_changes_nothing_and_a_quiet_minute_writes_nothing(env):
         wait_ready(cp, "routerpool", pool, ns)
     for cred in ("openai-primary-a", "openai-primary-b", "to-backup", "openai-backup"):
         wait_for(f"{cred} live state", lambda: (cp.get("credential", cred, ns).get("status") or {}).get("live"))
-    time.sleep(3)  # let the last live-state poll land
+    # The last live-state poll may still land: wait until status writes stop (3 s apart).
+    settled = {"writes": -1.0}
+
+    def writes_stopped():
+        now = env.operator.metric("airouter_operator_status_writes_total")
+        stopped, settled["writes"] = now == settled["writes"], now
+        return stopped
+    wait_for("status writes to stop", writes_stopped, interval=3)
     before = resource_versions(cp, ns)
 
     diff = cp.kubectl("diff", "--server-side", "-f", "-", stdin=manifests, check=False)
     assert diff.returncode == 0 and not diff.stdout, f"re-applying would change:\n{diff.stdout}{diff.stderr}"
-    again = cp.apply(manifests, server_side=True)
-    assert all(line.endswith("serverside-applied") or line.endswith("unchanged") for line in again.splitlines()), again
+    cp.apply(manifests, server_side=True)
     writes = env.operator.metric("airouter_operator_status_writes_total")
     reconciles = env.operator.metric("airouter_operator_reconciles_total")
     time.sleep(60)

