@@ -37,7 +37,7 @@ use crate::{
     request::{self, Probe, Rewritten},
     runtime::{Credential, Lookup, Route, Runtime, Slot, Tier},
     select::{select, select_shared, Exhausted, Pick, Query},
-    stream::{usage, Silence, StreamEnd, TokenUsage, UsageTap},
+    stream::{usage, StreamEnd, TokenUsage, UsageTap, Watchdog},
     upstream::{self, HOPS_HEADER},
 };
 
@@ -775,8 +775,8 @@ impl Forward<'_> {
             );
         });
         let strip = sse && self.body.injected_usage;
-        let body = Silence::new(body, self.rt.config.server.request_timeout);
-        let tap = UsageTap::new(body, strip, sse, on_done);
+        let watchdog = self.rt.config.server.request_timeout.map(Watchdog::new);
+        let tap = UsageTap::new(body, strip, sse, on_done).watched(watchdog);
         Response::from_parts(parts, tap.boxed_unsync())
     }
 }

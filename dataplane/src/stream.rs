@@ -7,7 +7,7 @@
 //! are forwarded as soon as they are complete, except the usage-only event. When the body ends
 //! or is dropped (client gone), the tokens seen are charged once. Dropping the tap drops the
 //! upstream body, which closes the upstream connection: a client disconnect cancels the
-//! generation. [`Silence`] ends a stream whose upstream stops sending without closing.
+//! generation. A [`Watchdog`] ends a stream whose upstream stops sending without closing.
 
 use std::{
     future::Future,
@@ -327,7 +327,7 @@ fn next_event(buf: &[u8]) -> Option<(usize, bool)> {
 pub enum StreamEnd {
     /// The upstream's body ended.
     Complete,
-    /// The upstream's body failed: its connection broke, or it fell silent ([`Silence`]).
+    /// The upstream's body failed: its connection broke, or it fell silent ([`Watchdog`]).
     Failed(String),
     /// The client went away (or the response was dropped) first.
     Abandoned,
@@ -359,6 +359,7 @@ pin_project_lite::pin_project! {
         pending: BytesMut,
         tokens: TokenUsage,
         on_done: Option<OnDone>,
+        watchdog: Option<Watchdog>,
     }
 
     impl<B> PinnedDrop for UsageTap<B> {
@@ -382,7 +383,14 @@ impl<B> UsageTap<B> {
             pending: BytesMut::new(),
             tokens: TokenUsage::default(),
             on_done: Some(on_done),
+            watchdog: None,
         }
+    }
+
+    /// Ends the stream when its upstream falls silent ([`Watchdog`]).
+    pub fn watched(mut self, watchdog: Option<Watchdog>) -> Self {
+        self.watchdog = watchdog;
+        self
     }
 }
 
@@ -509,7 +517,22 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
         loop {
-            match ready!(this.inner.as_mut().poll_frame(cx)) {
+            let polled = match this.inner.as_mut().poll_frame(cx) {
+                Poll::Ready(polled) => {
+                    if let Some(watchdog) = this.watchdog {
+                        watchdog.frame();
+                    }
+                    polled.map(|frame| frame.map_err(Into::into))
+                }
+                Poll::Pending => {
+                    let Some(watchdog) = this.watchdog else {
+                        return Poll::Pending;
+                    };
+                    let silent: BoxError = ready!(watchdog.poll_silent(cx)).into();
+                    Some(Err(silent))
+                }
+            };
+            match polled {
                 Some(Ok(frame)) => {
                     let data = match frame.into_data() {
                         Ok(data) => data,
@@ -523,7 +546,6 @@ where
                     }
                 }
                 Some(Err(e)) => {
-                    let e: BoxError = e.into();
                     if let Some(done) = this.on_done.take() {
                         done(*this.tokens, StreamEnd::Failed(e.to_string()));
                     }
@@ -552,75 +574,56 @@ where
 #[error("the upstream sent nothing for {0:?} (server.request_timeout); stream ended")]
 pub struct Silent(Duration);
 
-pin_project_lite::pin_project! {
-    /// Ends a stream (with [`Silent`]) whose upstream has sent nothing for `limit`, at most
-    /// twice that: frames are counted, not timed, so a chunk costs no clock read, and the
-    /// timer is reset only when it fires.
-    pub struct Silence<B> {
-        #[pin]
-        inner: B,
-        limit: Option<Duration>,
-        frames: u64,
-        // `frames` when the timer was last set.
-        seen: u64,
-        timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    }
+/// Ends a stream (with [`Silent`]) whose upstream has sent nothing for `limit`, at most twice
+/// that. Part of [`UsageTap`] rather than a body layer of its own, and cheap per chunk: frames
+/// are counted, not timed (no clock read); the timer is reset only when it fires, and polled
+/// only when it has fired or the task changed (it keeps the waker it was polled with).
+pub struct Watchdog {
+    limit: Duration,
+    frames: u64,
+    // `frames` when the timer was last set.
+    seen: u64,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    // The waker the timer was last polled with.
+    waker: Option<std::task::Waker>,
 }
 
-impl<B> Silence<B> {
-    /// `limit`: `None` never ends the stream.
-    pub fn new(inner: B, limit: Option<Duration>) -> Self {
+impl Watchdog {
+    pub fn new(limit: Duration) -> Self {
         Self {
-            inner,
             limit,
             frames: 0,
             seen: 0,
             timer: None,
+            waker: None,
         }
     }
-}
 
-impl<B> Body for Silence<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
+    fn frame(&mut self) {
+        self.frames += 1;
+    }
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            *this.frames += 1;
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
-        }
-        let Some(limit) = *this.limit else {
-            return Poll::Pending;
-        };
-        let (frames, seen) = (*this.frames, &mut *this.seen);
-        let timer = this.timer.get_or_insert_with(|| {
+    /// The upstream has nothing now: `Ready` once it has been silent too long.
+    fn poll_silent(&mut self, cx: &mut Context<'_>) -> Poll<Silent> {
+        let (frames, limit) = (self.frames, self.limit);
+        let seen = &mut self.seen;
+        let timer = self.timer.get_or_insert_with(|| {
             *seen = frames;
             Box::pin(tokio::time::sleep(limit))
         });
+        let same_task = self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if same_task && !timer.is_elapsed() {
+            return Poll::Pending;
+        }
+        self.waker = Some(cx.waker().clone());
         loop {
             ready!(timer.as_mut().poll(cx));
-            if *this.frames == *this.seen {
-                return Poll::Ready(Some(Err(Silent(limit).into())));
+            if self.frames == self.seen {
+                return Poll::Ready(Silent(limit));
             }
-            *this.seen = *this.frames;
+            self.seen = self.frames;
             timer.as_mut().reset(tokio::time::Instant::now() + limit);
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -683,6 +686,55 @@ mod tests {
         let (out, tokens) = run(true, pieces).await;
         assert_eq!(out, format!("{}{}", EVENTS[0], EVENTS[2]));
         assert_eq!(tokens, 12);
+    }
+
+    /// A body that sends `pieces`, each after its delay.
+    fn paced(pieces: Vec<(u64, &'static str)>) -> impl Body<Data = Bytes, Error = BoxError> {
+        StreamBody::new(futures::stream::unfold(
+            pieces.into_iter(),
+            |mut it| async move {
+                let (ms, piece) = it.next()?;
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Some((Ok::<_, BoxError>(Frame::data(Bytes::from(piece))), it))
+            },
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_ends_a_silent_stream_and_only_that() {
+        let ended = Arc::new(parking_lot::Mutex::new(None));
+        let tap = |pieces, ended: Arc<parking_lot::Mutex<Option<StreamEnd>>>| {
+            UsageTap::new(
+                paced(pieces),
+                false,
+                true,
+                Box::new(move |_, end| *ended.lock() = Some(end)),
+            )
+            .watched(Some(Watchdog::new(Duration::from_secs(1))))
+        };
+        // Chunks 900 ms apart: never a second of silence.
+        let steady = vec![
+            (0, EVENTS[0]),
+            (900, EVENTS[0]),
+            (900, EVENTS[0]),
+            (900, EVENTS[2]),
+        ];
+        let started = tokio::time::Instant::now();
+        assert!(tap(steady, ended.clone()).collect().await.is_ok());
+        assert_eq!(started.elapsed(), Duration::from_millis(2700));
+        assert_eq!(*ended.lock(), Some(StreamEnd::Complete));
+
+        // One chunk, then 10 s of nothing: ended after 1 to 2 s of silence.
+        let stalled = vec![(0, EVENTS[0]), (10_000, EVENTS[2])];
+        let started = tokio::time::Instant::now();
+        let err = tap(stalled, ended.clone()).collect().await.unwrap_err();
+        let silent = started.elapsed();
+        assert!(err.to_string().contains("sent nothing for 1s"), "{err}");
+        assert!(
+            (Duration::from_secs(1)..=Duration::from_secs(2)).contains(&silent),
+            "{silent:?}"
+        );
+        assert!(matches!(*ended.lock(), Some(StreamEnd::Failed(_))));
     }
 
     /// The accounting before the byte-level fast paths, kept as the reference.
