@@ -439,10 +439,13 @@ fn scan_frame(
         info.usage_only
     };
     if !pending.is_empty() {
-        // An event spans frames: complete it in `pending`.
+        // An event spans frames: complete it in `pending`. Only a frame with a newline can
+        // complete one, so one without is not scanned again with all that is held (a large
+        // event, a base64 image say, comes in many such frames: each would rescan the lot).
         pending.extend_from_slice(&data);
         let mut out = BytesMut::new();
-        while let Some((end, inspect)) = next_event(pending) {
+        let may_complete = memchr::memchr(b'\n', &data).is_some();
+        while let Some((end, inspect)) = may_complete.then(|| next_event(pending)).flatten() {
             let event = pending.split_to(end);
             if !account(&event, inspect) && strip {
                 out.extend_from_slice(&event);
@@ -870,6 +873,33 @@ mod tests {
                     assert_eq!(tokens, 12, "strip={strip} split at {i},{j}");
                 }
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_event_in_many_frames_is_passed_on_whole_and_counted() {
+        // A 600 KB event (a base64 image, say) in 1 KB frames with no newline until its end,
+        // then the usage event: the same bytes out, the tokens counted, in both modes.
+        let image = format!(
+            "data: {{\"type\":\"image\",\"b64\":\"{}\"}}\n\n",
+            "QUJD".repeat(150_000)
+        );
+        let usage = "data: {\"choices\":[],\"usage\":{\"total_tokens\":12}}\n\n";
+        let stream = format!("{image}{usage}data: [DONE]\n\n");
+        let pieces: Vec<&'static str> = stream
+            .as_bytes()
+            .chunks(1024)
+            .map(|c| &*std::str::from_utf8(c).unwrap().to_owned().leak())
+            .collect();
+        for strip in [false, true] {
+            let (out, tokens) = run(strip, pieces.clone()).await;
+            let expect = if strip {
+                stream.replace(usage, "")
+            } else {
+                stream.clone()
+            };
+            assert!(out == expect, "strip={strip}: {} bytes out", out.len());
+            assert_eq!(tokens, 12, "strip={strip}");
         }
     }
 
