@@ -498,23 +498,7 @@ async fn failures_of_a_replaced_key_still_in_flight_do_not_ban_the_new_one() {
             Reply::error(401, "revoked"),
         ));
     }
-    let in_flight: Vec<_> = (0..3)
-        .map(|_| {
-            let url = router.url("/v1/chat/completions");
-            let client = router.client().clone();
-            tokio::spawn(async move {
-                client
-                    .post(url)
-                    .bearer_auth(MASTER_KEY)
-                    .json(&chat_body("gpt-4o"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
-            })
-        })
-        .collect();
+    let in_flight: Vec<_> = (0..3).map(|_| router.spawn_chat_status("gpt-4o")).collect();
     assert!(mock.wait_requests(3, Duration::from_secs(5)).await);
     let (status, body) = router.push_config(&router.fill(&config("sk-new"))).await;
     assert_eq!(status, 200, "{body}");

@@ -127,22 +127,7 @@ async fn rpm_is_exact_when_replicas_race() {
     let mut tasks = Vec::new();
     for i in 0..40 {
         let router = if i % 2 == 0 { &a } else { &b };
-        let (client, url, key) = (
-            router.client().clone(),
-            router.url("/v1/chat/completions"),
-            MASTER_KEY,
-        );
-        tasks.push(tokio::spawn(async move {
-            client
-                .post(url)
-                .bearer_auth(key)
-                .json(&chat_body("gpt-4o"))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }));
+        tasks.push(router.spawn_chat_status("gpt-4o"));
     }
     let mut ok = 0;
     for t in tasks {

@@ -432,6 +432,22 @@ impl Router {
         status
     }
 
+    /// [`Self::chat_status`] on a task of its own, for requests that must be in flight
+    /// together.
+    pub fn spawn_chat_status(&self, model: &str) -> tokio::task::JoinHandle<u16> {
+        let req = self
+            .client
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(&self.master_key)
+            .json(&chat_body(model));
+        tokio::spawn(async move {
+            let resp = req.send().await.expect("request to router");
+            let status = resp.status().as_u16();
+            let _ = resp.bytes().await;
+            status
+        })
+    }
+
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.client
             .get(self.url(path))
