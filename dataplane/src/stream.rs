@@ -246,28 +246,60 @@ fn usage_always_null(event: &[u8], first: usize) -> bool {
 /// could report any (a `"usage"` not always `null`, or a `\u` escape), so it does not repeat
 /// that pre-check; on any other event it finds nothing, just more slowly.
 fn inspect_event(event: &[u8]) -> EventInfo {
+    let data_lines = || event.split(|&b| b == b'\n').filter_map(data_of);
+    let mut lines = data_lines();
+    let Some(first) = lines.next() else {
+        return EventInfo::default();
+    };
+    let Some(second) = lines.next() else {
+        return inspect_data(first);
+    };
+    // Several `data:` lines are one payload, joined by newlines (the SSE rule)…
+    let mut joined = [first, second].join(&b'\n');
+    for line in lines {
+        joined.push(b'\n');
+        joined.extend_from_slice(line);
+    }
+    let info = inspect_data(&joined);
+    if info.tokens.is_some() {
+        return info;
+    }
+    // …though a provider may also put a document on each.
+    data_lines()
+        .map(inspect_data)
+        .fold(EventInfo::default(), |acc, info| EventInfo {
+            tokens: match (acc.tokens, info.tokens) {
+                (Some(a), Some(b)) => Some(max_usage(a, b)),
+                (a, b) => a.or(b),
+            },
+            usage_only: acc.usage_only || info.usage_only,
+        })
+}
+
+/// The payload of an SSE `data:` line (one optional space after the colon dropped).
+fn data_of(line: &[u8]) -> Option<&[u8]> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let data = line.strip_prefix(b"data:")?;
+    Some(data.strip_prefix(b" ").unwrap_or(data))
+}
+
+/// The tokens one `data:` payload reports.
+fn inspect_data(data: &[u8]) -> EventInfo {
     let mut info = EventInfo::default();
-    for line in event.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(data) = line.strip_prefix(b"data:") else {
-            continue;
-        };
-        let data = data.strip_prefix(b" ").unwrap_or(data);
-        if usage_key_in(data).is_none() {
-            continue;
-        }
-        let Some(chunk) = parse_chunk(data) else {
-            continue;
-        };
-        if let Some(t) = chunk
-            .usage
-            .as_ref()
-            .and_then(Usage::tokens)
-            .or_else(|| chunk.response_usage.as_ref().and_then(Usage::tokens))
-        {
-            info.tokens = Some(max_usage(info.tokens.unwrap_or_default(), t));
-            info.usage_only |= chunk.usage.is_some() && chunk.choices_empty && !chunk.has_response;
-        }
+    if usage_key_in(data).is_none() {
+        return info;
+    }
+    let Some(chunk) = parse_chunk(data) else {
+        return info;
+    };
+    if let Some(t) = chunk
+        .usage
+        .as_ref()
+        .and_then(Usage::tokens)
+        .or_else(|| chunk.response_usage.as_ref().and_then(Usage::tokens))
+    {
+        info.tokens = Some(t);
+        info.usage_only = chunk.usage.is_some() && chunk.choices_empty && !chunk.has_response;
     }
     info
 }
@@ -874,6 +906,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_payload_over_several_data_lines_is_read_joined() {
+        let split_usage = "data: {\"choices\":[],\ndata: \"usage\":{\"total_tokens\":12}}\n\n";
+        let stream = format!("{}{split_usage}{}", EVENTS[0], EVENTS[2]);
+        for strip in [false, true] {
+            let (out, tokens) = run(strip, vec![&*stream.clone().leak()]).await;
+            let expect = if strip {
+                stream.replace(split_usage, "")
+            } else {
+                stream.clone()
+            };
+            assert_eq!(out, expect, "strip={strip}");
+            assert_eq!(tokens, 12, "strip={strip}");
+        }
+        // A document on each line is still read (not the SSE rule, but seen).
+        let two =
+            "data: {\"usage\":{\"total_tokens\":3}}\ndata: {\"usage\":{\"total_tokens\":9}}\n\n";
+        assert_eq!(
+            inspect_event(two.as_bytes()).tokens.map(|t| t.total),
+            Some(9)
+        );
     }
 
     #[tokio::test]
