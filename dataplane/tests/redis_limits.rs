@@ -224,6 +224,26 @@ async fn a_ban_earned_across_replicas_holds_on_every_replica() {
     assert_eq!(h["credentials_available"], json!(0), "{h}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_redis_no_longer_holds_is_not_shown_or_kept_by_the_replicas() {
+    // Three 401s ban the pair in Redis, and each replica keeps a copy; then Redis loses its
+    // data (a restart without persistence, a flush). Redis admits the pair again, and a
+    // replica's copy goes with that admission instead of showing a ban that is gone.
+    let Pool { redis, mock, a, b } = Pool::start(&[], true).await;
+    for router in [&a, &b, &a] {
+        mock.push(Reply::error(401, "invalid api key"));
+        assert_eq!(router.chat_status("gpt-4o").await, 401);
+    }
+    expect_exhausted(&b, 301, "all_credentials_banned", "banned in Redis").await;
+    let (_, h) = b.health().await;
+    assert_eq!(h["credentials"]["c1"]["is_banned"], json!(true), "{h}");
+
+    assert_eq!(redis.command(&["FLUSHALL"]).await.as_deref(), Some("+OK"));
+    assert_eq!(b.chat_status("gpt-4o").await, 200, "Redis holds no ban now");
+    let (_, h) = b.health().await;
+    assert_eq!(h["credentials"]["c1"]["is_banned"], json!(false), "{h}");
+}
+
 /// The usual cure for a ban earned with a bad key is a new key: the bans are kept under a
 /// fingerprint of the key, so a replica given the new one is not refused by the old key's ban
 /// — and a replica still on the old key is.

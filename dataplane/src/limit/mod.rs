@@ -284,9 +284,20 @@ impl CredState {
     pub fn mirror_admitted(&self, model: &str, limits: &SlotLimits, now: Instant) {
         let mut inner = self.inner.lock();
         inner.rpm.add(now, 1);
-        if inner.ensure_pair(model, limits.has_pair_limits(), now) {
-            if let Some(pair) = inner.pairs.get_mut(model) {
-                pair.rpm.add(now, 1);
+        if !inner.ensure_pair(model, limits.has_pair_limits(), now) {
+            return;
+        }
+        let CredInner { pairs, unbans, .. } = &mut *inner;
+        if let Some(pair) = pairs.get_mut(model) {
+            pair.rpm.add(now, 1);
+            // Redis admitted the pair, so it holds no ban for it (expired, or lost with Redis's
+            // data): a copy kept here would go on showing, and enforce while Redis is out, a
+            // ban that is gone.
+            if pair.bans.ban.take().is_some() {
+                pair.bans.strikes.clear();
+                if unbans.len() < MAX_UNBAN_EVENTS {
+                    unbans.push(Arc::from(model));
+                }
             }
         }
     }
@@ -569,6 +580,25 @@ mod tests {
         s.admit("new", &unlimited, later);
         assert!(s.inner.lock().pairs.contains_key("new"));
         assert!(s.inner.lock().pairs.len() < MAX_PAIRS);
+    }
+
+    #[test]
+    fn an_admission_by_redis_drops_a_ban_copy_redis_no_longer_holds() {
+        let s = CredState::default();
+        let now = Instant::now();
+        let permanent = Ban {
+            code: 401,
+            until: None,
+        };
+        s.mirror_ban("m", Some(401), Some(permanent));
+        assert!(s.usage(now).any_ban());
+        s.mirror_admitted("m", &SlotLimits::default(), now);
+        assert!(!s.usage(now).any_ban());
+        assert_eq!(s.take_unbans(), [Arc::from("m")]);
+        assert_eq!(
+            s.admit("m", &SlotLimits::default(), now),
+            Admission::Admitted
+        );
     }
 
     #[test]
