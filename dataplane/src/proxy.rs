@@ -461,9 +461,10 @@ impl Forward<'_> {
     /// (the rotation cleared its bans): the old key's failures in flight must not ban the new
     /// one.
     fn key_replaced(&self, cred: &Credential) -> bool {
-        let current = self.app.current();
-        !std::ptr::eq(&*current, self.rt)
-            && current
+        !self.app.store.is_current(self.rt)
+            && self
+                .app
+                .current()
                 .credential(&cred.name)
                 .is_some_and(|now| now.ban_scope != cred.ban_scope)
     }

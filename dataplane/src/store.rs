@@ -35,6 +35,12 @@ impl ConfigStore {
         self.current.load_full()
     }
 
+    /// Whether `rt` is still the running config (a guard load: no reference count touched,
+    /// for the request path).
+    pub fn is_current(&self, rt: &Runtime) -> bool {
+        std::ptr::eq(&**self.current.load(), rt)
+    }
+
     /// Compiles `config` and makes it current; returns the new runtime.
     ///
     /// A credential whose key or endpoint changed keeps its windows (the quota is the
