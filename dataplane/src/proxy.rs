@@ -38,7 +38,7 @@ use crate::{
     runtime::{Credential, Lookup, Route, Runtime, Slot, Tier},
     select::{select, select_shared, Exhausted, Pick, Query},
     stream::{usage, StreamEnd, TokenUsage, UsageTap, Watchdog},
-    upstream::{self, HOPS_HEADER},
+    upstream::{self, ResponseBody, HOPS_HEADER},
 };
 
 pub use crate::upstream::REQUEST_ID;
@@ -133,6 +133,17 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
             HeaderValue::from_str(id).expect("a UUID is a valid header value")
         })
 }
+
+/// Why a request did not reach the upstream, or got no answer from it.
+enum Unsent {
+    Build(http::Error),
+    Failed(upstream::Error),
+}
+
+/// How many times one attempt sends a request the upstream refused unprocessed, after the
+/// first: a second refusal in a row is rare (a new connection is chosen after a `GOAWAY`), a
+/// third means the upstream refuses everything, which then counts as its failure.
+const MAX_RESENDS: u32 = 2;
 
 /// How an attempt ended when it did not produce the answer.
 enum Failure {
@@ -572,6 +583,33 @@ impl Forward<'_> {
         Attempt::Retry(Failure::Transport(error))
     }
 
+    /// Sends the request to `cred`'s upstream; one the upstream refused unprocessed (an HTTP/2
+    /// stream refused, or left out by a `GOAWAY`) goes again, on another connection when the
+    /// refusing one is going away. A provider's edge does this routinely when it rotates
+    /// connections, and it is not the credential's failure.
+    async fn send(&self, cred: &Credential) -> Result<Response<ResponseBody>, Unsent> {
+        let mut resends = 0;
+        loop {
+            let req = upstream::build(
+                cred,
+                &self.parts.method,
+                self.path_and_query,
+                &self.parts.headers,
+                self.body.body.clone(),
+                self.hops,
+                &self.ctx.request_id,
+            )
+            .map_err(Unsent::Build)?;
+            match self.app.client.request(cred.http_version, req).await {
+                Err(e) if e.is_refused() && resends < MAX_RESENDS => {
+                    resends += 1;
+                    debug!(request_id = self.ctx.id(), credential = %cred.name, error = %e, "upstream refused the request unprocessed; sending it again");
+                }
+                sent => return sent.map_err(Unsent::Failed),
+            }
+        }
+    }
+
     async fn attempt(&self, cred: &Credential, pick: &Pick<'_>, attempt_no: u32) -> Attempt {
         let slot = pick.slot;
         let timeout = self.rt.config.server.request_timeout;
@@ -588,36 +626,25 @@ impl Forward<'_> {
                 (parts, Either::Right(body))
             }
             _ => {
-                let req = match upstream::build(
-                    cred,
-                    &self.parts.method,
-                    self.path_and_query,
-                    &self.parts.headers,
-                    self.body.body.clone(),
-                    self.hops,
-                    &self.ctx.request_id,
-                ) {
-                    Ok(req) => req,
-                    Err(e) => {
-                        warn!(request_id = self.ctx.id(), credential = %cred.name, error = %e, "cannot build the upstream request");
-                        return self
-                            .transport_failure(cred, pick, TransportError::Connect, sent)
-                            .await;
-                    }
-                };
-                let call = self.app.client.request(cred.http_version, req);
+                let call = self.send(cred);
                 let result = match timeout {
                     Some(t) => tokio::time::timeout(t, call).await,
                     None => Ok(call.await),
                 };
                 match result {
+                    Ok(Err(Unsent::Build(e))) => {
+                        warn!(request_id = self.ctx.id(), credential = %cred.name, error = %e, "cannot build the upstream request");
+                        return self
+                            .transport_failure(cred, pick, TransportError::Connect, sent)
+                            .await;
+                    }
                     Err(_) => {
                         warn!(request_id = self.ctx.id(), credential = %cred.name, "upstream did not answer within request_timeout");
                         return self
                             .transport_failure(cred, pick, TransportError::Timeout, sent)
                             .await;
                     }
-                    Ok(Err(e)) => {
+                    Ok(Err(Unsent::Failed(e))) => {
                         warn!(request_id = self.ctx.id(), credential = %cred.name, error = %e, "upstream request failed");
                         return self
                             .transport_failure(cred, pick, TransportError::Connect, sent)

@@ -1,6 +1,8 @@
 //! Which HTTP version airouter speaks to an upstream (`http_version`), and HTTP/2 connection
 //! pooling: streams past the peer's `SETTINGS_MAX_CONCURRENT_STREAMS` go on new
-//! connections instead of waiting for a stream to end.
+//! connections instead of waiting for a stream to end; a stream the upstream refused
+//! unprocessed (`REFUSED_STREAM`, `GOAWAY`) is sent again and not counted against the
+//! credential.
 //!
 //! The upstream here is a real TLS server (rustls, a throwaway CA trusted through
 //! `SSL_CERT_FILE`) or plain TCP, serving HTTP/1.1 and HTTP/2 with hyper; it records every
@@ -393,4 +395,204 @@ async fn a_bad_ssl_cert_file_is_reported_and_the_router_still_serves() {
         logs.contains("SSL_CERT_FILE not used") && logs.contains("not-a-ca.pem"),
         "{logs}"
     );
+}
+
+/// What the frame-level peer below does with a stream: the connection's `n`th (from 0) of
+/// the `c`th connection (from 0).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Verdict {
+    Answer,
+    /// `RST_STREAM` with `REFUSED_STREAM`; the connection stays.
+    Refuse,
+    /// `GOAWAY` naming the stream before it as the last processed, then the connection closes.
+    GoAway,
+}
+
+/// An h2c peer written at the frame level, so that it can refuse streams and send `GOAWAY`
+/// exactly as a provider's edge does when it sheds or rotates connections (hyper's server
+/// does neither on demand). It answers a stream with `:status 200` and a completion.
+struct FramePeer {
+    addr: SocketAddr,
+    /// The verdicts given, by connection.
+    seen: Arc<Mutex<Vec<Vec<Verdict>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FramePeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+const FRAME_DATA: u8 = 0;
+const FRAME_HEADERS: u8 = 1;
+const FRAME_RST_STREAM: u8 = 3;
+const FRAME_SETTINGS: u8 = 4;
+const FRAME_GOAWAY: u8 = 7;
+const FLAG_END_STREAM: u8 = 1;
+const FLAG_ACK: u8 = 1;
+const FLAG_END_HEADERS: u8 = 4;
+const REFUSED_STREAM: u32 = 7;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = len.to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+impl FramePeer {
+    async fn start(verdict: fn(usize, usize) -> Verdict) -> FramePeer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Vec<Verdict>>>> = Arc::default();
+        let seen2 = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let conn = {
+                    let mut seen = seen2.lock();
+                    seen.push(Vec::new());
+                    seen.len() - 1
+                };
+                let seen = seen2.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(20),
+                        Self::serve(tcp, conn, verdict, seen),
+                    )
+                    .await;
+                });
+            }
+        });
+        FramePeer { addr, seen, task }
+    }
+
+    async fn serve(
+        mut tcp: tokio::net::TcpStream,
+        conn: usize,
+        verdict: fn(usize, usize) -> Verdict,
+        seen: Arc<Mutex<Vec<Vec<Verdict>>>>,
+    ) -> std::io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut preface = [0u8; 24];
+        tcp.read_exact(&mut preface).await?;
+        assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        tcp.write_all(&frame(FRAME_SETTINGS, 0, 0, &[])).await?;
+        // Streams answered once their request has ended.
+        let mut answering = Vec::new();
+        loop {
+            let mut head = [0u8; 9];
+            tcp.read_exact(&mut head).await?;
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let (kind, flags) = (head[3], head[4]);
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; len];
+            tcp.read_exact(&mut payload).await?;
+            match kind {
+                FRAME_SETTINGS if flags & FLAG_ACK == 0 => {
+                    tcp.write_all(&frame(FRAME_SETTINGS, FLAG_ACK, 0, &[]))
+                        .await?;
+                }
+                FRAME_HEADERS => {
+                    let v = {
+                        let mut seen = seen.lock();
+                        let v = verdict(conn, seen[conn].len());
+                        seen[conn].push(v);
+                        v
+                    };
+                    match v {
+                        Verdict::Answer => answering.push(stream),
+                        Verdict::Refuse => {
+                            let code = REFUSED_STREAM.to_be_bytes();
+                            tcp.write_all(&frame(FRAME_RST_STREAM, 0, stream, &code))
+                                .await?;
+                        }
+                        Verdict::GoAway => {
+                            let mut goaway = stream.saturating_sub(2).to_be_bytes().to_vec();
+                            goaway.extend(0u32.to_be_bytes()); // NO_ERROR
+                            tcp.write_all(&frame(FRAME_GOAWAY, 0, 0, &goaway)).await?;
+                            // Read until the client closes (closing first, with its frames
+                            // unread, would reset the connection under the GOAWAY).
+                            let mut rest = Vec::new();
+                            let _ = tcp.read_to_end(&mut rest).await;
+                            return Ok(());
+                        }
+                    }
+                    if flags & FLAG_END_STREAM == 0 {
+                        continue;
+                    }
+                }
+                FRAME_DATA if flags & FLAG_END_STREAM != 0 => {}
+                _ => continue,
+            }
+            if let Some(i) = answering.iter().position(|s| *s == stream) {
+                answering.remove(i);
+                // 0x88: `:status: 200` from HPACK's static table.
+                tcp.write_all(&frame(FRAME_HEADERS, FLAG_END_HEADERS, stream, &[0x88]))
+                    .await?;
+                let completion = br#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+                tcp.write_all(&frame(FRAME_DATA, FLAG_END_STREAM, stream, completion))
+                    .await?;
+            }
+        }
+    }
+
+    fn verdicts(&self) -> Vec<Vec<Verdict>> {
+        self.seen.lock().clone()
+    }
+}
+
+/// One credential whose failures would ban it at the first: a refusal must not count.
+async fn router_before(peer: &FramePeer) -> Router {
+    let yaml = server_yaml(0, &["request_timeout: 10s"])
+        + "fail2ban:\n  max_attempts: 1\n  ban_duration: 1m\n  error_codes: [502]\n"
+        + &creds_yaml(&[cred(
+            "edge",
+            "openai",
+            KEY,
+            &format!("http://{}", peer.addr),
+            &["http_version: http2"],
+        )]);
+    Router::start(&yaml).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_left_out_by_goaway_is_sent_again_on_a_new_connection() {
+    use Verdict::*;
+    let peer = FramePeer::start(|conn, _| if conn == 0 { GoAway } else { Answer }).await;
+    let router = router_before(&peer).await;
+    assert_eq!(router.chat_status("m").await, 200);
+    assert_eq!(peer.verdicts(), vec![vec![GoAway], vec![Answer]]);
+    // Not the credential's failure: it is not banned, and the new connection serves on.
+    assert_eq!(router.chat_status("m").await, 200);
+    assert_eq!(peer.verdicts(), vec![vec![GoAway], vec![Answer, Answer]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_is_sent_again_and_its_connection_kept() {
+    use Verdict::*;
+    let peer = FramePeer::start(|_, n| if n == 0 { Refuse } else { Answer }).await;
+    let router = router_before(&peer).await;
+    assert_eq!(router.chat_status("m").await, 200);
+    assert_eq!(router.chat_status("m").await, 200);
+    assert_eq!(peer.verdicts(), vec![vec![Refuse, Answer, Answer]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_refusing_every_stream_fails_after_two_resends() {
+    let peer = FramePeer::start(|_, _| Verdict::Refuse).await;
+    let router = router_before(&peer).await;
+    assert_eq!(router.chat_status("m").await, 502);
+    assert_eq!(peer.verdicts(), vec![vec![Verdict::Refuse; 3]]);
+    // That is the credential's failure: it counts (and bans at the first, as configured).
+    assert_eq!(router.chat_status("m").await, 503);
+    assert_eq!(peer.verdicts().concat().len(), 3, "nothing more was sent");
+    let logs = router.logs();
+    assert!(logs.contains("refused the HTTP/2 stream"), "{logs}");
+    assert!(!logs.contains(KEY), "no key in the log");
 }

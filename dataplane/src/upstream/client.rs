@@ -63,6 +63,15 @@ pub enum Error {
     NoOrigin,
 }
 
+impl Error {
+    /// The upstream said it did not process the request (HTTP/2 `REFUSED_STREAM`, or a
+    /// `GOAWAY` that left it out): sending it again is safe and says nothing about the
+    /// credential.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, Error::Http2(h2::Error::Refused { .. }))
+    }
+}
+
 /// `e` and every error under it, `: `-separated (refused, DNS, certificate…). Upstream
 /// errors name hosts, never keys.
 pub(super) fn chain(e: &dyn std::error::Error) -> String {

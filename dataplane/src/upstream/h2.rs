@@ -66,6 +66,13 @@ pub enum Error {
     NoStream { origin: String },
     #[error("{origin} closed two HTTP/2 connections before the request could be sent on either")]
     Closing { origin: String },
+    /// The peer reset the stream with `REFUSED_STREAM`, or sent `GOAWAY` before answering it:
+    /// it did not process the request (RFC 9113 §8.7), so sending it again is safe.
+    #[error("{origin} refused the HTTP/2 stream without processing it: {source}")]
+    Refused {
+        origin: String,
+        source: Arc<hyper::Error>,
+    },
     #[error("HTTP/2 request to {origin} failed: {source}")]
     Request {
         origin: String,
@@ -254,10 +261,23 @@ impl Pool {
                         req = unsent;
                     }
                     None => {
-                        return Err(SendError::Failed(Error::Request {
-                            origin: conns.origin.to_string(),
-                            source: Arc::new(e.into_error()),
-                        }))
+                        let (origin, source) = (conns.origin.to_string(), e.into_error());
+                        return Err(SendError::Failed(match refusal(&source) {
+                            Some(refusal) => {
+                                if refusal == Refusal::GoingAway {
+                                    // No new stream on it; the ones it kept run to their end.
+                                    slot.conn.state.ended.store(true, Ordering::Release);
+                                }
+                                Error::Refused {
+                                    origin,
+                                    source: Arc::new(source),
+                                }
+                            }
+                            None => Error::Request {
+                                origin,
+                                source: Arc::new(source),
+                            },
+                        }));
                     }
                 },
             }
@@ -412,6 +432,32 @@ impl Pool {
         }
         .boxed()
         .shared()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
+    /// `RST_STREAM` with `REFUSED_STREAM`: the connection stays usable.
+    Stream,
+    /// `GOAWAY` from the peer before the answer's head: the connection takes no new streams.
+    GoingAway,
+}
+
+/// Whether the peer said it did not process the request. A `GOAWAY` names the last stream the
+/// peer will process, and h2 fails exactly the streams past it with the `GOAWAY`'s error; a
+/// peer that then drops the connection with streams it kept still unanswered fails those with
+/// it too, which cannot be told apart here — the request is sent again then as well (as it
+/// would go to the next credential without this), once, and never after its answer started.
+fn refusal(e: &hyper::Error) -> Option<Refusal> {
+    let h2 = std::error::Error::source(e)?.downcast_ref::<h2::Error>()?;
+    if !h2.is_remote() {
+        None
+    } else if h2.is_go_away() {
+        Some(Refusal::GoingAway)
+    } else if h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        Some(Refusal::Stream)
+    } else {
+        None
     }
 }
 
