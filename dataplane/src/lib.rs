@@ -5,7 +5,8 @@
 //! Pipeline (one module each): [`config`] (the document) → [`runtime`] (compiled snapshot,
 //! swapped by [`store`]) → [`proxy`] (the request path: [`request`] probing and rewrites,
 //! [`select`] with [`limit`], [`upstream`] or [`mock`], [`stream`] accounting) → responses and
-//! [`error`]s; [`health`] views and [`metrics`]; [`server`] accepts connections. [`app`] owns
+//! [`error`]s; [`health`] views and [`metrics`]; [`server`] accepts connections
+//! (and [`stall`] closes those whose client stopped reading). [`app`] owns
 //! the one path by which a document becomes the running config ([`admin`] API, [`reload`] on
 //! SIGHUP or file change); [`remote`] syncs what chained routers report; [`telemetry`] sets up
 //! logs for both binaries.
@@ -35,6 +36,7 @@ pub mod runtime;
 pub mod secret;
 pub mod select;
 pub mod server;
+pub mod stall;
 pub mod store;
 pub mod stream;
 pub mod telemetry;

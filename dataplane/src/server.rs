@@ -36,6 +36,7 @@ use crate::{
     body::{BoxError, RespBody},
     drain::{Drain, Watch},
     proxy,
+    stall::StallLimit,
 };
 
 /// An HTTP/2 client connection is pinged this often, and closed when a ping goes unanswered
@@ -118,13 +119,17 @@ impl Protocols {
     async fn serve(
         &self,
         stream: TcpStream,
+        peer: SocketAddr,
         mut service: Service,
         mut watch: Watch,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let Some(detected) = self.detect(&stream, &mut watch).await? else {
             return Ok(()); // shutting down before the protocol was known: nothing to finish
         };
-        let io = TokioIo::new(stream);
+        // Read per connection, so a pushed config applies to the connections after it.
+        let write_timeout =
+            Some(service.app.current().config.server.write_timeout).filter(|t| !t.is_zero());
+        let io = TokioIo::new(StallLimit::new(stream, write_timeout, peer));
         match detected {
             // (`detect` returns a protocol once the bytes tell it.)
             Detected::Closed | Detected::Undecided => Ok(()),
@@ -323,7 +328,7 @@ pub async fn serve(
                 let watch = drain.watch();
                 let protocols = protocols.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = protocols.serve(stream, service, watch).await {
+                    if let Err(e) = protocols.serve(stream, peer, service, watch).await {
                         debug!(peer = %peer, error = %e, "connection ended with an error");
                     }
                 });

@@ -293,3 +293,54 @@ async fn a_silent_stream_is_ended_after_request_timeout() {
     assert!(logs.contains("end=\"upstream_error\""), "{logs}");
     assert!(logs.contains("sent nothing for 1s"), "{logs}");
 }
+
+/// A client that stops reading while its stream goes on (its socket full, its kernel still
+/// answering) is disconnected after `write_timeout`, and its upstream request ends with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected_after_write_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let mock = MockUpstream::start().await;
+    let yaml = server_yaml(0, &["write_timeout: 1s"])
+        + &creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), &[])]);
+    let router = Router::start(&yaml).await;
+    // 64 KiB events every 30 ms for 9 s, 19 MB: more than the socket buffers on the way
+    // (the router's toward the client grow to 4 MB here, its upstream one and the mock's
+    // take more), so the stream is still going when the router gives up on the client.
+    let big = json!({"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o",
+        "choices": [{"index": 0, "delta": {"content": "x".repeat(64 * 1024)}}]});
+    let events = vec![big.to_string(); 300];
+    mock.push(Reply::stream(events, Duration::from_millis(30)));
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr = router
+        .url("/")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let mut client = socket.connect(addr).await.unwrap();
+    let body = chat_stream_body("gpt-4o").to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: router\r\nAuthorization: Bearer {MASTER_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    client.write_all(body.as_bytes()).await.unwrap();
+    // …and never read.
+    assert!(
+        mock.wait_stream_aborted(Duration::from_secs(8)).await,
+        "the upstream stream still runs (events sent: {})",
+        mock.events_sent()
+    );
+    assert!(mock.events_sent() < 300, "all events were sent");
+    assert_eq!(mock.streams_completed(), 0);
+    let logs = router.logs();
+    assert!(
+        logs.contains("client took no bytes for server.write_timeout"),
+        "{logs}"
+    );
+    assert!(logs.contains("end=\"client_gone\""), "{logs}");
+    drop(client);
+}

@@ -139,6 +139,8 @@ pub struct ServerConfig {
     /// `None`: no timeout (written `-1ns`, which Go reads the same way).
     #[serde(serialize_with = "ser_opt_duration")]
     pub request_timeout: Option<Duration>,
+    /// A client connection that takes no bytes of its answer for this long is closed (a
+    /// limit on progress, not on the whole answer); zero: never.
     #[serde(serialize_with = "ser_duration")]
     pub write_timeout: Duration,
     #[serde(serialize_with = "ser_duration")]

@@ -435,13 +435,6 @@ impl Parser<'_> {
         let max_idle_conns_per_host = self.non_negative(m, "max_idle_conns_per_host", f, 256);
         // Accepted so an upstream config loads unchanged, but said out loud when set to
         // something else than the default, since nothing here reads them.
-        if write_timeout != Duration::from_secs(60) {
-            self.warn(
-                "server.write_timeout",
-                "has no effect in airouter (no write deadline: a stream runs as long as it streams, \
-                 and request_timeout bounds each upstream attempt); it only sets idle_timeout: 0",
-            );
-        }
         if max_idle_conns != 200 {
             self.warn(
                 "server.max_idle_conns",
@@ -1358,7 +1351,7 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert!(warned("", "").is_empty());
-        let defaults = ", write_timeout: 60s, max_idle_conns: 200";
+        let defaults = ", max_idle_conns: 200";
         assert!(
             warned(defaults, "log_errors: false").is_empty(),
             "a rendered config"
@@ -1368,11 +1361,7 @@ mod tests {
                 ", write_timeout: 5m, max_idle_conns: 10",
                 "log_errors: true, errors_log_path: /tmp/e"
             ),
-            [
-                "server.write_timeout",
-                "server.max_idle_conns",
-                "monitoring.log_errors"
-            ]
+            ["server.max_idle_conns", "monitoring.log_errors"]
         );
     }
 
