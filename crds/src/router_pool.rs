@@ -105,6 +105,11 @@ pub struct ServerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub request_timeout: Option<String>,
+    /// A client connection that takes no bytes of its answer for this long is closed (a
+    /// limit on progress, not on the whole answer), e.g. 60s (the default); 0: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub write_timeout: Option<String>,
     /// Largest accepted request body, in MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1024))]

@@ -185,13 +185,17 @@ fn server(
             Some(parse_duration("spec.server.requestTimeout", text)?).filter(|d| !d.is_zero())
         }
     };
+    let write_timeout = match s.write_timeout.as_deref() {
+        None => Duration::from_secs(60),
+        Some(text) => parse_duration("spec.server.writeTimeout", text)?,
+    };
     Ok(ServerConfig {
         host: "0.0.0.0".into(),
         port: PUBLIC_PORT,
         max_body_size_mb: s.max_body_size_mb.map_or(100, |n| n.max(1) as u64),
         response_body_multiplier: 10,
         request_timeout,
-        write_timeout: Duration::from_secs(60),
+        write_timeout,
         idle_timeout: Duration::from_secs(120),
         idle_conn_timeout: Duration::from_secs(120),
         max_idle_conns: 200,
@@ -471,6 +475,42 @@ mod tests {
         };
         let err = render_config(&pool(), &empty).unwrap_err();
         assert!(err.to_string().contains("spec.credentialSelector"), "{err}");
+    }
+
+    #[test]
+    fn write_timeout_is_rendered_and_a_bad_one_names_its_field() {
+        let proxy = resolved(
+            serde_json::json!({"type": "proxy", "baseUrl": "http://x"}),
+            false,
+        );
+        let mut p = pool();
+        let rendered =
+            |p: &RouterPoolSpec| render_config(p, &proxy).map(|c| c.server.write_timeout);
+        assert_eq!(
+            rendered(&p).unwrap(),
+            Duration::from_secs(60),
+            "the default"
+        );
+        p.server = Some(ServerSpec {
+            write_timeout: Some("5m".into()),
+            ..Default::default()
+        });
+        assert_eq!(rendered(&p).unwrap(), Duration::from_secs(300));
+        p.server = Some(ServerSpec {
+            write_timeout: Some("0".into()),
+            ..Default::default()
+        });
+        assert_eq!(rendered(&p).unwrap(), Duration::ZERO, "0: never");
+        p.server = Some(ServerSpec {
+            write_timeout: Some("later".into()),
+            ..Default::default()
+        });
+        let err = rendered(&p).unwrap_err();
+        assert_eq!(err.reason(), "InvalidSpec");
+        assert!(
+            err.to_string().contains("spec.server.writeTimeout"),
+            "{err}"
+        );
     }
 
     #[test]
