@@ -2,11 +2,12 @@
 //!
 //! Events are kept with their time; the sum counts every event strictly younger than 60 s.
 //! Events within 10 ms of an entry's *first* event are merged into it, stamped with the latest
-//! one's time, so a window holds at most 6,000 entries (~150 KB) whatever the traffic, and
-//! merging makes an event expire at most 10 ms late — never admit more than the limit. (Each
-//! credential and pair keeps up to four windows; at 1 ms a window under heavy traffic held
-//! 60,000 entries, 1.5 MB, which a benchmark at 43k requests/s showed as +14 MB of idle RSS for
-//! twelve windows. 10 ms is invisible in a 60 s limit and in a `Retry-After` given in seconds.)
+//! one's time, so a window holds at most 6,000 entries (under 200 KB) whatever the traffic, and
+//! merging makes an event expire at most 10 ms late — never admit more than the limit. (A
+//! credential keeps an RPM and a TPM window, and so does each of its (credential, model) pairs;
+//! at 1 ms a window under heavy traffic held 60,000 entries, 1.5 MB, which a benchmark at 43k
+//! requests/s showed as +14 MB of idle RSS for twelve windows. 10 ms is invisible in a 60 s
+//! limit and in a `Retry-After` given in seconds.)
 //! (Measured from the entry's last event instead, a steady stream under 10 ms apart would
 //! merge into one entry that never expires.)
 
