@@ -27,7 +27,7 @@ use rustls::{
 use tracing::{info, warn};
 
 use super::{
-    h1::{self, Lent},
+    h1,
     h2::{self, Http2Origin, SendError, StreamSlot},
     origin::Origin,
 };
@@ -135,10 +135,7 @@ impl Client {
             return self.http1(origin, req).await;
         }
         match self.inner.h2.send(origin.clone(), req).await {
-            Ok(resp) => Ok(resp.map(|(body, slot)| ResponseBody {
-                body,
-                conn: Conn::Http2(slot),
-            })),
+            Ok(resp) => Ok(resp.map(|(body, slot)| ResponseBody::Http2(body, slot))),
             Err(SendError::NotHttp2(req)) if version == HttpVersion::Auto => {
                 info!(origin = %origin, "upstream does not offer HTTP/2; using HTTP/1.1 for it");
                 self.inner.http1_only.write().insert(origin.clone());
@@ -163,10 +160,7 @@ impl Client {
         req: Request<Full<Bytes>>,
     ) -> Result<Response<ResponseBody>, Error> {
         let resp = self.inner.http1.send(origin, req).await?;
-        Ok(resp.map(|(body, lent)| ResponseBody {
-            body,
-            conn: Conn::Http1(lent),
-        }))
+        Ok(resp.map(ResponseBody::Http1))
     }
 }
 
@@ -232,49 +226,53 @@ fn roots(ca_file: Option<&Path>) -> RootCertStore {
     roots
 }
 
-/// An upstream response body. It holds what it came on until it has ended or is dropped: an
-/// HTTP/1.1 connection (given back to the pool at the end, closed if dropped before), or an
-/// HTTP/2 stream.
-pub struct ResponseBody {
-    body: Incoming,
-    conn: Conn,
+/// An upstream response body: an HTTP/1.1 one (which gives its connection back to the pool
+/// at its end, and closes it if dropped before), or an HTTP/2 stream's, held with its slot.
+pub enum ResponseBody {
+    Http1(h1::Body),
+    /// The slot is held, never read: dropping it frees the stream.
+    Http2(Incoming, #[allow(dead_code)] StreamSlot),
 }
 
-enum Conn {
-    Http1(Lent),
-    /// Held, never read: dropping it frees the stream.
-    Http2(#[allow(dead_code)] StreamSlot),
+/// A response body that could not be read to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Http1(#[from] h1::BodyError),
+    #[error(transparent)]
+    Http2(#[from] hyper::Error),
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if let Conn::Http1(lent) = &mut this.conn {
-            let ended = match &polled {
-                Poll::Ready(None) => true,
-                Poll::Ready(Some(Ok(_))) => this.body.is_end_stream(),
-                _ => false,
-            };
-            if ended {
-                lent.finished();
-            }
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ResponseBody::Http1(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(BodyError::from))),
+            ResponseBody::Http2(body, _) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(BodyError::from))),
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match self {
+            ResponseBody::Http1(body) => body.is_end_stream(),
+            ResponseBody::Http2(body, _) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self {
+            ResponseBody::Http1(body) => body.size_hint(),
+            ResponseBody::Http2(body, _) => body.size_hint(),
+        }
     }
 }
 

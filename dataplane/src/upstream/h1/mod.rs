@@ -2,12 +2,19 @@
 //!
 //! A connection is lent to one request at a time and goes back to its origin's idle list the
 //! moment the response body has been read to its end — by the body itself, so no task waits
-//! for it. A response body dropped before its end takes the connection with it (hyper closes
-//! it: the rest of that response is still on the wire).
+//! for it. A response body dropped before its end takes the connection with it (it closes:
+//! the rest of that response is still on the wire).
 //!
-//! This replaces hyper-util's pooled client, which per request hashes its pool key with
-//! SipHash several times, formats the `Host` header, and spawns a task to return the
-//! connection: 9.2k of the 64k instructions airouter spent on a request (`bench/NOTES.md`).
+//! This is not hyper's HTTP/1.1 client. That one gives every connection a task, a request
+//! channel (a 9 KB block) and 8 KiB read and write buffers it never shrinks, and moves every
+//! chunk through the channel to the task that forwards it: ~27 KB and a task switch per chunk
+//! for each open stream, which put 5,000 open streams at 163 MB (`bench/NOTES.md`, eleventh
+//! round). Here the request is written and the response read by whoever polls it, through a
+//! 2 KiB buffer that grows only for larger answers. Parsing is `httparse` (hyper's parser);
+//! [`codec`] holds the framing rules, kept apart from the I/O in [`conn`].
+
+mod codec;
+mod conn;
 
 use std::{
     future::poll_fn,
@@ -17,22 +24,22 @@ use std::{
 
 use bytes::Bytes;
 use futures::FutureExt;
-use http::{header::HOST, uri::PathAndQuery, HeaderValue, Request, Response, Uri};
+use http::{header::HOST, HeaderValue, Request, Response};
+use http_body_util::BodyExt as _;
 use http_body_util::Full;
-use hyper::{body::Incoming, client::conn::http1};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use parking_lot::Mutex;
 use tower_service::Service;
 use tracing::debug;
 
+pub use conn::{Body, BodyError};
+
 use super::{
     client::chain,
     origin::{sweep, ByOrigin, Origin},
 };
-
-/// How long an idle connection that is not ready at once may take to become so.
-const READY_WAIT: Duration = Duration::from_millis(100);
+use conn::{Conn, Lent};
 
 /// Why a request could not be sent over HTTP/1.1.
 #[derive(Debug, thiserror::Error)]
@@ -62,14 +69,13 @@ pub struct Pool {
     sweeping: std::sync::Once,
     /// TLS offering only `http/1.1` in ALPN, or plain TCP.
     connector: HttpsConnector<HttpConnector>,
-    builder: http1::Builder,
     settings: Settings,
     /// The zero of the idle clocks.
     epoch: Instant,
 }
 
 /// One origin's idle connections, most recently used last.
-struct OriginIdle {
+pub struct OriginIdle {
     origin: Origin,
     host: HeaderValue,
     idle: Mutex<Vec<Idle>>,
@@ -79,7 +85,7 @@ struct OriginIdle {
 }
 
 struct Idle {
-    send: http1::SendRequest<Full<Bytes>>,
+    conn: Conn,
     /// Milliseconds since [`Pool::epoch`] when it came back.
     since_ms: u64,
 }
@@ -90,71 +96,40 @@ impl OriginIdle {
     }
 
     fn is_fresh(&self, idle: &Idle, now_ms: u64) -> bool {
-        !idle.send.is_closed() && now_ms.saturating_sub(idle.since_ms) < self.idle_ms
+        now_ms.saturating_sub(idle.since_ms) < self.idle_ms
     }
 
-    /// The most recently used idle connection that is still open and ready for a request.
-    /// It usually is at once; one whose last response has just ended may need its task to run
-    /// once more, so it gets [`READY_WAIT`]. One still writing a request body the upstream
-    /// answered early and stopped reading would never be: it is dropped (closed), not waited
-    /// on until `request_timeout`.
-    async fn checkout(&self) -> Option<http1::SendRequest<Full<Bytes>>> {
+    /// The most recently used idle connection that has not expired and that the upstream
+    /// has not closed.
+    fn checkout(&self) -> Option<Conn> {
         let now_ms = self.now_ms();
         loop {
             let mut idle = self.idle.lock().pop()?;
             if !self.is_fresh(&idle, now_ms) {
                 continue;
             }
-            let ready = match idle.send.ready().now_or_never() {
-                Some(ready) => ready.is_ok(),
-                // Boxed: the timer is for the rare case and stays out of every request's
-                // future.
-                None => matches!(
-                    Box::pin(tokio::time::timeout(READY_WAIT, idle.send.ready())).await,
-                    Ok(Ok(()))
-                ),
-            };
-            if ready {
-                return Some(idle.send);
+            if idle.conn.is_usable() {
+                return Some(idle.conn);
             }
-            debug!(origin = %self.origin, "idle HTTP/1.1 connection not ready; closing it");
+            debug!(origin = %self.origin, "idle HTTP/1.1 connection closed by the upstream; dropping it");
         }
     }
 
     /// Takes back a connection whose response has ended.
-    fn checkin(&self, send: http1::SendRequest<Full<Bytes>>) {
-        if send.is_closed() {
-            return;
-        }
+    fn checkin(&self, conn: Conn) {
         let since_ms = self.now_ms();
         let mut idle = self.idle.lock();
         if idle.len() < self.max_idle {
-            idle.push(Idle { send, since_ms });
+            idle.push(Idle { conn, since_ms });
         }
     }
 
-    /// Closes expired connections (dropping the handle ends the connection's task). Whether
-    /// this origin is still of use: it has idle connections, or some are lent out.
+    /// Closes expired connections and those the upstream closed. Whether this origin is
+    /// still of use: it has idle connections, or some are lent out.
     fn prune(self: &Arc<Self>, now_ms: u64) -> bool {
         let mut idle = self.idle.lock();
-        idle.retain(|c| self.is_fresh(c, now_ms));
+        idle.retain_mut(|c| self.is_fresh(c, now_ms) && c.conn.is_usable());
         !idle.is_empty() || Arc::strong_count(self) > 1
-    }
-}
-
-/// A connection lent to one request. [`Lent::finished`] gives it back; dropped before that,
-/// it closes.
-pub struct Lent {
-    send: Option<http1::SendRequest<Full<Bytes>>>,
-    origin: Arc<OriginIdle>,
-}
-
-impl Lent {
-    /// The response body has ended: the connection can carry another request.
-    pub fn finished(&mut self) {
-        if let Some(send) = self.send.take() {
-            self.origin.checkin(send);
-        }
     }
 }
 
@@ -164,7 +139,6 @@ impl Pool {
             origins: Arc::default(),
             sweeping: std::sync::Once::new(),
             connector,
-            builder: http1::Builder::new(),
             settings,
             epoch: Instant::now(),
         }
@@ -174,47 +148,52 @@ impl Pool {
     pub async fn send(
         &self,
         origin: Origin,
-        mut req: Request<Full<Bytes>>,
-    ) -> Result<Response<(Incoming, Lent)>, Error> {
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<Body>, Error> {
         let conns = self.origin(origin);
+        let (mut parts, mut body) = req.into_parts();
+        // A `Full` body is ready at once: its one frame, or none when empty.
+        let body = body
+            .frame()
+            .now_or_never()
+            .flatten()
+            .and_then(|frame| frame.ok()?.into_data().ok())
+            .unwrap_or_default();
         // HTTP/1.1 wants the origin form (`/path?query`) and a `Host` header.
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = Uri::from(path);
-        req.headers_mut().insert(HOST, conns.host.clone());
-        // An idle connection the peer closed before the request went out hands the request
-        // back; it goes on the next one. Each turn takes one idle connection or opens one, so
-        // this ends.
+        let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        parts.headers.insert(HOST, conns.host.clone());
+        let head = codec::encode_head(&parts.method, path, &parts.headers, body.len());
+        // An idle connection the upstream closed as the request went out (none of it
+        // written) takes the request to the next one. Each turn takes one idle connection or
+        // opens one, so this ends.
         loop {
-            let (mut send, reused) = match conns.checkout().await {
-                Some(send) => (send, true),
+            let (mut conn, reused) = match conns.checkout() {
+                Some(conn) => (conn, true),
                 // Boxed: connecting is rare, and its state would otherwise enlarge every
                 // request's future (moved several times on the way down).
                 None => (Box::pin(self.connect(&conns.origin)).await?, false),
             };
-            match send.try_send_request(req).await {
-                Ok(resp) => {
+            match conn.exchange(&head, &body, &parts.method).await {
+                Ok(head) => {
                     let lent = Lent {
-                        send: Some(send),
+                        conn,
                         origin: conns,
                     };
-                    return Ok(resp.map(|body| (body, lent)));
+                    let mut resp = Response::new(Body::new(lent, head.body, head.reusable));
+                    *resp.status_mut() = head.status;
+                    *resp.version_mut() = head.version;
+                    *resp.headers_mut() = head.headers;
+                    return Ok(resp);
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => {
-                        debug!(origin = %conns.origin, error = %e.error(), "idle HTTP/1.1 connection unusable; sending on another");
-                        req = unsent;
-                    }
-                    _ => {
-                        return Err(Error::Request {
-                            origin: conns.origin.to_string(),
-                            reason: chain(e.error()),
-                        })
-                    }
-                },
+                Err(e) if reused && !e.written => {
+                    debug!(origin = %conns.origin, error = %e.error, "idle HTTP/1.1 connection unusable; sending on another");
+                }
+                Err(e) => {
+                    return Err(Error::Request {
+                        origin: conns.origin.to_string(),
+                        reason: chain(&e.error),
+                    })
+                }
             }
         }
     }
@@ -244,8 +223,8 @@ impl Pool {
         conns
     }
 
-    /// A new connection to `origin`, ready for a request; its task runs until it closes.
-    async fn connect(&self, origin: &Origin) -> Result<http1::SendRequest<Full<Bytes>>, Error> {
+    /// A new connection to `origin` (TCP, and TLS for `https`).
+    async fn connect(&self, origin: &Origin) -> Result<Conn, Error> {
         let timeout = self.settings.connect_timeout;
         let failed = |e: &dyn std::error::Error| Error::Connect {
             origin: origin.to_string(),
@@ -260,20 +239,7 @@ impl Pool {
                 .call(origin.uri())
                 .await
                 .map_err(|e| failed(&*e))?;
-            let (mut send, connection) = self
-                .builder
-                .handshake::<_, Full<Bytes>>(io)
-                .await
-                .map_err(|e| failed(&e))?;
-            // A combinator, not an `async move` block: a block stores the captured connection
-            // and the one it awaits separately (3.5 KB instead of 1.8 KB per connection).
-            let named = origin.clone();
-            tokio::spawn(connection.map(move |ended| match ended {
-                Ok(()) => debug!(origin = %named, "HTTP/1.1 connection closed"),
-                Err(e) => debug!(origin = %named, error = %e, "HTTP/1.1 connection ended"),
-            }));
-            send.ready().await.map_err(|e| failed(&e))?;
-            Ok(send)
+            Ok(Conn::new(conn::io(io)))
         })
         .await;
         connected.unwrap_or_else(|_| {
