@@ -466,43 +466,49 @@ mod tests {
 
     #[test]
     fn framing_follows_rfc_9112() {
-        let d = |s: &str| {
-            let h = head(s).unwrap().unwrap();
-            (h.body, h.reusable)
-        };
+        let chunked = Decoder::Chunked(Chunk::Size);
+        // (head fields after the status line, framing, reusable)
+        let cases = [
+            ("transfer-encoding: gzip, chunked", chunked, true),
+            // Content-length beside chunked: the chunks win, and the connection is not reused.
+            (
+                "transfer-encoding: chunked\r\ncontent-length: 5",
+                chunked,
+                false,
+            ),
+            ("transfer-encoding: gzip", Decoder::Eof, false),
+            ("x-none: 1", Decoder::Eof, false),
+            ("content-length: 7, 7", Decoder::Length(7), true),
+            (
+                "content-length: 3\r\nconnection: Keep-Alive, Close",
+                Decoder::Length(3),
+                false,
+            ),
+        ];
+        for (fields, body, reusable) in cases {
+            let h = head(&format!("HTTP/1.1 200 OK\r\n{fields}\r\n\r\n"))
+                .unwrap()
+                .unwrap();
+            assert_eq!((h.body, h.reusable), (body, reusable), "{fields}");
+        }
+        for (status, reusable) in [
+            ("HTTP/1.1 204 No Content", true),
+            ("HTTP/1.1 304 Not Modified\r\ncontent-length: 9", true),
+        ] {
+            let h = head(&format!("{status}\r\n\r\n")).unwrap().unwrap();
+            assert_eq!(
+                (h.body, h.reusable),
+                (Decoder::Length(0), reusable),
+                "{status}"
+            );
+        }
+        let h = head("HTTP/1.0 200 OK\r\ncontent-length: 3\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(
-            d("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"),
-            (Decoder::Chunked(Chunk::Size), true)
-        );
-        // Content-length beside chunked: the chunks win, and the connection is not reused.
-        assert_eq!(
-            d("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n"),
-            (Decoder::Chunked(Chunk::Size), false)
-        );
-        assert_eq!(
-            d("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n"),
-            (Decoder::Eof, false)
-        );
-        assert_eq!(d("HTTP/1.1 200 OK\r\n\r\n"), (Decoder::Eof, false));
-        assert_eq!(
-            d("HTTP/1.1 204 No Content\r\n\r\n"),
-            (Decoder::Length(0), true)
-        );
-        assert_eq!(
-            d("HTTP/1.1 304 Not Modified\r\ncontent-length: 9\r\n\r\n"),
-            (Decoder::Length(0), true)
-        );
-        assert_eq!(
-            d("HTTP/1.1 200 OK\r\ncontent-length: 7, 7\r\n\r\n"),
-            (Decoder::Length(7), true)
-        );
-        assert_eq!(
-            d("HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: Keep-Alive, Close\r\n\r\n"),
-            (Decoder::Length(3), false)
-        );
-        assert_eq!(
-            d("HTTP/1.0 200 OK\r\ncontent-length: 3\r\n\r\n"),
-            (Decoder::Length(3), false)
+            (h.body, h.reusable),
+            (Decoder::Length(3), false),
+            "HTTP/1.0"
         );
         let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n");
         assert_eq!(
