@@ -12,7 +12,7 @@ use http::{
 /// Most header fields a response head may have (hyper's default too).
 const MAX_HEADERS: usize = 100;
 /// Longest response head accepted (hyper's default read buffer limit is about this).
-pub const MAX_HEAD: usize = 400 * 1024;
+const MAX_HEAD: usize = 400 * 1024;
 /// Longest chunk-size line (with extensions) or trailer section accepted.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 const MAX_TRAILERS: usize = 64 * 1024;
@@ -33,7 +33,8 @@ pub enum FrameError {
 }
 
 /// The request head: `METHOD path HTTP/1.1`, the fields, and a `content-length` when there
-/// is a body (or the method expects one, as hyper does).
+/// is a body, and `content-length: 0` for an empty one of a method that usually carries one
+/// (`POST`…): some servers answer such a request without it with 411 Length Required.
 pub fn encode_head(method: &Method, path: &str, headers: &HeaderMap, body_len: usize) -> Vec<u8> {
     let fields: usize = headers
         .iter()

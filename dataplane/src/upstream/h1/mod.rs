@@ -6,10 +6,10 @@
 //! the rest of that response is still on the wire).
 //!
 //! This is not hyper's HTTP/1.1 client. That one gives every connection a task, a request
-//! channel (a 9 KB block) and 8 KiB read and write buffers it never shrinks, and moves every
-//! chunk through the channel to the task that forwards it: ~27 KB and a task switch per chunk
-//! for each open stream, which put 5,000 open streams at 163 MB (`bench/NOTES.md`, eleventh
-//! round). Here the request is written and the response read by whoever polls it, through a
+//! channel (a 9 KB block) and 8 KiB read and write buffers it never shrinks, and hands every
+//! chunk of an answer from that task to the one that forwards it through a body channel:
+//! ~27 KB reserved and a task switch per chunk for each open stream, which put 5,000 open
+//! streams at 163 MB (`bench/NOTES.md`, eleventh round). Here the request is written and the response read by whoever polls it, through a
 //! 2 KiB buffer that grows only for larger answers. Parsing is `httparse` (hyper's parser);
 //! [`codec`] holds the framing rules, kept apart from the I/O in [`conn`].
 
