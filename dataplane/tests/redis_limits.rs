@@ -542,7 +542,7 @@ async fn a_tls_cluster_is_reached_over_tls_on_every_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_that_is_down_at_start_is_used_once_it_answers() {
-    let ports = [free_port(), free_port(), free_port()];
+    let ports = free_ports();
     let mock = MockUpstream::start().await;
     let url = format!("redis://127.0.0.1:{}", ports[0]);
     let yaml = server_yaml(0, &[])

@@ -56,9 +56,20 @@ def wait_for(what: str, check, timeout: float = 30.0, interval: float = 0.05):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports on 127.0.0.1: the sockets are held together, so no two are the
+    same (ports picked one at a time can repeat once released)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 10.0):

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from cluster import ROOT, TARGET, Kubelet, MockProvider, Operator, free_port, http, wait_for
+from cluster import ROOT, TARGET, Kubelet, MockProvider, Operator, free_port, free_ports, http, wait_for
 
 EXAMPLES = ROOT / "examples" / "kubernetes"
 LEASE_NS = "airouter-system"
@@ -78,6 +78,23 @@ def chat(pod, key: str, model: str = "gpt-4o-mini"):
 def wait_ready(cp, kind: str, name: str, ns: str, timeout: float = 30):
     return wait_for(f"{kind} {ns}/{name} Ready=True",
                     lambda: (cp.condition(kind, name, ns, "Ready") or {}).get("status") == "True", timeout)
+
+
+def wait_not_ready(cp, kind: str, name: str, ns: str, reason: str, timeout: float = 30) -> dict:
+    """Waits for Ready=False with `reason` and returns the condition. A pool applied in one
+    document with its Credentials can first say, for a moment, that it selects none resolved;
+    the reason a test is after comes once the operator has seen them."""
+    last = {}
+
+    def check():
+        nonlocal last
+        last = cp.condition(kind, name, ns, "Ready") or {}
+        return last.get("status") == "False" and last.get("reason") == reason and last
+
+    try:
+        return wait_for(f"{kind} {ns}/{name} Ready=False ({reason})", check, timeout)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the last Ready condition: {last}") from None
 
 
 def examples(ns: str, mock_url: str) -> str:
@@ -273,9 +290,7 @@ def test_replicas_share_their_limits_in_redis(env, tmp_path):
         cp.apply(simple_pool(ns, mock.url, replicas=2, credentials={"c1": {"rpm": 3}}))
         cp.kubectl("patch", "routerpool", "p", "-n", ns, "--type=merge", "-p", json.dumps(
             {"spec": {"rateLimit": {"backend": "redis", "redis": {"urlSecretRef": {"name": "redis", "key": "url"}}}}}))
-        ready = wait_for("Ready=False for the missing Redis Secret",
-                         lambda: (c := cp.condition("routerpool", "p", ns, "Ready")) and c["status"] == "False" and c)
-        assert ready["reason"] == "SecretNotFound", ready
+        ready = wait_not_ready(cp, "routerpool", "p", ns, "SecretNotFound")
         assert "spec.rateLimit.redis.urlSecretRef" in ready["message"], ready
 
         url = f"redis://:e2e-redis-pass@127.0.0.1:{port}/0"
@@ -307,16 +322,17 @@ def test_replicas_share_their_limits_in_a_redis_cluster(env, tmp_path):
     """`spec.rateLimit.redis.cluster: true`: the Secret names one node of a real three-node
     Redis Cluster; the pods learn the rest from it and together admit exactly the RPM."""
     cp, mock, kubelet = env.cp, env.mock, env.kubelet
-    ports = [free_port() for _ in range(3)]
+    picked = free_ports(6)
+    ports, buses = picked[:3], picked[3:]
     nodes = []
     try:
-        for port in ports:
+        for port, bus in zip(ports, buses):
             d = tmp_path / str(port)
             d.mkdir()
             nodes.append(subprocess.Popen(
                 # The bus port is port + 10000 unless given: past 65535 for a high free port.
                 ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-                 "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                 "--cluster-enabled", "yes", "--cluster-port", str(bus),
                  "--cluster-config-file", "nodes.conf", "--dir", str(d)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for port in ports:
@@ -364,9 +380,7 @@ def test_a_trusted_ca_bundle_reaches_the_pods_and_its_rotation_rolls_them(env):
     cp.apply(simple_pool(ns, mock.url, replicas=1, credentials={"c1": {}}))
     cp.kubectl("patch", "routerpool", "p", "-n", ns, "--type=merge", "-p",
                json.dumps({"spec": {"trustedCA": {"name": "corp-ca", "key": "ca.pem"}}}))
-    ready = wait_for("Ready=False for the missing ConfigMap",
-                     lambda: (c := cp.condition("routerpool", "p", ns, "Ready")) and c["status"] == "False" and c)
-    assert ready["reason"] == "ConfigMapNotFound", ready
+    ready = wait_not_ready(cp, "routerpool", "p", ns, "ConfigMapNotFound")
     assert f"ConfigMap {ns}/corp-ca (from spec.trustedCA)" in ready["message"], ready
 
     def bundle(n: int) -> str:

@@ -65,8 +65,16 @@ const PROXY_VARS: &[&str] = &[
 
 /// A currently free TCP port on 127.0.0.1 (bound to port 0, then released).
 pub fn free_port() -> u16 {
-    let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local_addr").port()
+    let [port] = free_ports();
+    port
+}
+
+/// `N` distinct currently free TCP ports on 127.0.0.1: all `N` listeners are held at once,
+/// so no two are the same (ports picked one at a time can repeat once released).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: [StdTcpListener; N] =
+        std::array::from_fn(|_| StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"));
+    listeners.map(|l| l.local_addr().expect("local_addr").port())
 }
 
 /// The two ports of a router: the public one (`{port}`) and the admin one
@@ -80,13 +88,8 @@ pub struct Ports {
 impl Ports {
     /// Two distinct currently free ports on 127.0.0.1.
     pub fn pick() -> Ports {
-        // Both listeners are held at once so the ports differ.
-        let a = StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let b = StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        Ports {
-            port: a.local_addr().expect("local_addr").port(),
-            admin_port: b.local_addr().expect("local_addr").port(),
-        }
+        let [port, admin_port] = free_ports();
+        Ports { port, admin_port }
     }
 
     /// `template` with `{port}` and `{admin_port}` replaced.
@@ -1564,61 +1567,91 @@ pub fn pki() -> Pki {
 pub struct RedisServer {
     child: Child,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
+
+/// How many times a server (or cluster) on free ports is started before the test fails: a
+/// port picked free can be taken by another process before the server binds it, and then
+/// the server exits (its log says "Address already in use").
+const REDIS_TRIES: usize = 3;
 
 impl RedisServer {
     /// Starts on a free port.
     pub async fn start() -> RedisServer {
-        Self::start_on(free_port()).await
+        retry_on_free_ports(async || Self::try_start_on(free_port()).await).await
     }
 
     /// Starts on `port` and waits (bounded) until it answers `PING`.
     pub async fn start_on(port: u16) -> RedisServer {
-        let server = Self::spawn(&["--port", &port.to_string()], port);
-        let ping = async || server.command(&["PING"]).await.as_deref() == Some("+PONG");
-        Self::wait("answer PING", ping).await;
-        server
+        Self::try_start_on(port)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    async fn try_start_on(port: u16) -> Result<RedisServer, String> {
+        let mut server = Self::spawn(&["--port", &port.to_string()], port);
+        let ping = async || {
+            let reply = Self::send(port, &["PING"]).await;
+            Self::line(&mut reply?).await
+        };
+        let ping = async || ping().await.as_deref() == Some("+PONG");
+        server.wait_for("answer PING", ping).await?;
+        Ok(server)
     }
 
     /// Starts with TLS only on a free port (`cert`/`key`: PEM files), waiting (bounded) until
     /// it accepts connections. [`RedisServer::command`] does not speak TLS.
     pub async fn start_tls(cert: &Path, key: &Path) -> RedisServer {
-        let port = free_port();
         let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
-        let args = ["--port", "0", "--tls-port", &port.to_string()];
-        let tls = [
-            "--tls-cert-file",
-            cert,
-            "--tls-key-file",
-            key,
-            "--tls-auth-clients",
-            "no",
-        ];
-        let server = Self::spawn(&[&args[..], &tls[..]].concat(), port);
-        let listening = async || {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        };
-        Self::wait("listen", listening).await;
-        server
+        retry_on_free_ports(async || {
+            let port = free_port();
+            let args = ["--port", "0", "--tls-port", &port.to_string()];
+            let tls = [
+                "--tls-cert-file",
+                cert,
+                "--tls-key-file",
+                key,
+                "--tls-auth-clients",
+                "no",
+            ];
+            let mut server = Self::spawn(&[&args[..], &tls[..]].concat(), port);
+            // Its own log, not a connect: another process may hold the port.
+            let log = server.log_path();
+            let ready = async || {
+                std::fs::read_to_string(&log)
+                    .is_ok_and(|log| log.contains("Ready to accept connections"))
+            };
+            server.wait_for("accept connections", ready).await?;
+            Ok(server)
+        })
+        .await
     }
 
-    /// Waits until `ready` holds: at most 10 s and 500 tries, else the test fails.
-    async fn wait(what: &str, ready: impl AsyncFn() -> bool) {
+    /// Waits until `ready` holds: at most 10 s and 500 tries. `Err` names what did not
+    /// happen and carries the server's log when it exits first or time runs out.
+    async fn wait_for(&mut self, what: &str, ready: impl AsyncFn() -> bool) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         for _ in 0..500 {
             if ready().await {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not {what} within 10 s"
-            );
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "redis-server on port {} exited ({status}) before it would {what}; its log:\n{}",
+                    self.port,
+                    self.log()
+                ));
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("redis-server did not {what}");
+        Err(format!(
+            "redis-server on port {} did not {what} within 10 s; its log:\n{}",
+            self.port,
+            self.log()
+        ))
     }
 
     fn spawn(args: &[&str], port: u16) -> RedisServer {
@@ -1631,19 +1664,29 @@ impl RedisServer {
                 "",
                 "--appendonly",
                 "no",
+                "--logfile",
+                "redis.log",
                 "--dir",
             ])
             .arg(dir.path())
             .args(args)
+            .current_dir(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is missing: install Debian's redis-server (tests/run.sh does)");
-        RedisServer {
-            child,
-            port,
-            _dir: dir,
-        }
+        RedisServer { child, port, dir }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    /// The server's log (its last 40 lines), for failure messages.
+    fn log(&self) -> String {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
     pub fn url(&self) -> String {
@@ -1652,8 +1695,8 @@ impl RedisServer {
 
     /// Sends one command (a RESP array of bulk strings); `None` when the server cannot be
     /// reached.
-    async fn send(&self, args: &[&str]) -> Option<BufReader<tokio::net::TcpStream>> {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+    async fn send(port: u16, args: &[&str]) -> Option<BufReader<tokio::net::TcpStream>> {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .ok()?;
         let mut req = format!("*{}\r\n", args.len());
@@ -1675,13 +1718,13 @@ impl RedisServer {
 
     /// Sends one command and returns the first line of the reply (`+PONG`, `:1`, `$2`…).
     pub async fn command(&self, args: &[&str]) -> Option<String> {
-        Self::line(&mut self.send(args).await?).await
+        Self::line(&mut Self::send(self.port, args).await?).await
     }
 
     /// Sends one command and returns a bulk-string reply's value (`None` for a nil reply or
     /// when the server cannot be reached).
     pub async fn command_value(&self, args: &[&str]) -> Option<String> {
-        let mut reader = self.send(args).await?;
+        let mut reader = Self::send(self.port, args).await?;
         let head = Self::line(&mut reader).await?;
         let len: usize = head.strip_prefix('$')?.parse().ok()?;
         let mut value = vec![0; len + 2]; // and its CRLF
@@ -1717,36 +1760,43 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub async fn start() -> RedisCluster {
-        Self::start_on([free_port(), free_port(), free_port()]).await
+        retry_on_free_ports(async || Self::create(free_ports(), None).await).await
     }
 
     /// [`RedisCluster::start`] on these ports.
     pub async fn start_on(ports: [u16; 3]) -> RedisCluster {
-        Self::create(ports, None).await
+        Self::create(ports, None)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Nodes that speak only TLS, to clients and to each other (`tls-cluster`), with the
     /// certificate of `pki` (127.0.0.1); their client URLs are `rediss://`.
     pub async fn start_tls(pki: &Pki) -> RedisCluster {
-        Self::create([free_port(), free_port(), free_port()], Some(pki)).await
+        retry_on_free_ports(async || Self::create(free_ports(), Some(pki)).await).await
     }
 
-    async fn create(ports: [u16; 3], pki: Option<&Pki>) -> RedisCluster {
+    async fn create(ports: [u16; 3], pki: Option<&Pki>) -> Result<RedisCluster, String> {
         let mut cluster = RedisCluster {
             nodes: Vec::new(),
             tls: pki.map_or_else(Vec::new, |pki| {
                 vec!["--tls".into(), "--cacert".into(), pki.ca_file.clone()]
             }),
         };
-        for port in ports {
+        // The bus port is port + 10000 unless given: past 65535 for a high free port. Six
+        // distinct free ports leave at least three that are not a node's.
+        let buses: Vec<String> = free_ports::<6>()
+            .into_iter()
+            .filter(|p| !ports.contains(p))
+            .map(|p| p.to_string())
+            .collect();
+        for (port, bus) in ports.into_iter().zip(&buses) {
             let port_s = port.to_string();
-            // The bus port is port + 10000 unless given: past 65535 for a high free port.
-            let bus = free_port().to_string();
             let mut args = vec![
                 "--cluster-enabled",
                 "yes",
                 "--cluster-port",
-                &bus,
+                bus,
                 "--cluster-config-file",
                 "nodes.conf",
             ];
@@ -1768,10 +1818,12 @@ impl RedisCluster {
                     ]);
                 }
             }
-            cluster.nodes.push(RedisServer::spawn(&args, port));
-            let n = cluster.nodes.len() - 1;
-            let ping = async || cluster.try_cli(n, &["PING"]).as_deref() == Some("PONG");
-            RedisServer::wait("answer PING", ping).await;
+            let mut node = RedisServer::spawn(&args, port);
+            let tls = &cluster.tls;
+            let ping = async || redis_cli(tls, port, &["PING"]).as_deref() == Some("PONG");
+            let up = node.wait_for("answer PING", ping).await;
+            cluster.nodes.push(node);
+            up?;
         }
         let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let created = Command::new("redis-cli")
@@ -1782,20 +1834,22 @@ impl RedisCluster {
             .stdin(Stdio::null())
             .output()
             .expect("redis-cli is missing: Debian's redis-tools provides it (redis-server depends on it)");
-        assert!(
-            created.status.success(),
-            "redis-cli --cluster create failed: {}",
-            String::from_utf8_lossy(&created.stdout)
-        );
-        for n in 0..cluster.nodes.len() {
+        if !created.status.success() {
+            return Err(format!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&created.stdout)
+            ));
+        }
+        let tls = &cluster.tls;
+        for node in &mut cluster.nodes {
+            let port = node.port;
             let ok = async || {
-                cluster
-                    .try_cli(n, &["CLUSTER", "INFO"])
+                redis_cli(tls, port, &["CLUSTER", "INFO"])
                     .is_some_and(|info| info.contains("cluster_state:ok"))
             };
-            RedisServer::wait("join the cluster", ok).await;
+            node.wait_for("join the cluster", ok).await?;
         }
-        cluster
+        Ok(cluster)
     }
 
     /// The `redis://` (or `rediss://`) URL of node `n`.
@@ -1808,20 +1862,9 @@ impl RedisCluster {
         format!("{scheme}://127.0.0.1:{}", self.nodes[n].port)
     }
 
-    /// `redis-cli -p <node's port> <args…>`: its output, one reply element a line; `None`
-    /// when it fails (the node is not up yet).
+    /// `redis-cli` on node `node`: see [`redis_cli`].
     fn try_cli(&self, node: usize, args: &[&str]) -> Option<String> {
-        let out = Command::new("redis-cli")
-            .args(&self.tls)
-            .args(["-p", &self.nodes[node].port.to_string()])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("redis-cli is missing: Debian's redis-tools provides it");
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        // redis-cli exits 0 on an error reply, and 1 when it cannot connect.
-        (out.status.success() && !text.starts_with("ERR") && !text.starts_with("Could not"))
-            .then_some(text)
+        redis_cli(&self.tls, self.nodes[node].port, args)
     }
 
     /// [`RedisCluster::try_cli`] that must succeed.
@@ -1897,4 +1940,39 @@ impl RedisCluster {
             .parse()
             .expect("CLUSTER KEYSLOT answers a number")
     }
+}
+
+/// `redis-cli [tls…] -p <port> <args…>`: its output, one reply element a line; `None` when it
+/// fails (the node is not up yet, or answered an error).
+fn redis_cli(tls: &[String], port: u16, args: &[&str]) -> Option<String> {
+    // redis-cli waits for a reply without limit, and a port taken by another process may
+    // accept and never answer: coreutils' `timeout` bounds it.
+    let out = Command::new("timeout")
+        .args(["-k", "1", "10", "redis-cli"])
+        .args(tls)
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("redis-cli is missing: Debian's redis-tools provides it");
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // redis-cli exits 0 on an error reply, and 1 when it cannot connect.
+    (out.status.success() && !text.starts_with("ERR") && !text.starts_with("Could not"))
+        .then_some(text)
+}
+
+/// Runs `start` (which picks its own free ports) up to [`REDIS_TRIES`] times, and fails the
+/// test with every attempt's error when none starts.
+async fn retry_on_free_ports<T>(start: impl AsyncFn() -> Result<T, String>) -> T {
+    let mut errors = Vec::new();
+    for _ in 0..REDIS_TRIES {
+        match start().await {
+            Ok(started) => return started,
+            Err(e) => errors.push(e),
+        }
+    }
+    panic!(
+        "redis did not start in {REDIS_TRIES} tries:\n{}",
+        errors.join("\n---\n")
+    );
 }
