@@ -243,3 +243,103 @@ async fn an_idle_http2_connection_is_closed_but_not_while_a_stream_runs() {
         "closed after {idle:?} idle, idle_timeout is 1 s (at once: the stream did not hold it open)"
     );
 }
+
+/// One established IPv4 socket as `/proc/net/tcp` shows it.
+#[derive(Clone, Copy, Debug)]
+struct TcpRow {
+    local_port: u16,
+    remote_port: u16,
+    /// The kernel's `tr` column: 2 while the keep-alive timer is pending, 0 with no timer.
+    timer: u8,
+    /// When that timer fires, in 1/100 s.
+    when: u64,
+}
+
+/// The established sockets on 127.0.0.1 (state `01`), from `/proc/net/tcp`.
+fn established() -> Vec<TcpRow> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let port = |addr: &str| u16::from_str_radix(addr.split(':').nth(1)?, 16).ok();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.get(3) != Some(&"01") {
+                return None;
+            }
+            let (timer, when) = f.get(5)?.split_once(':')?;
+            Some(TcpRow {
+                local_port: port(f[1])?,
+                remote_port: port(f[2])?,
+                timer: timer.parse().ok()?,
+                when: u64::from_str_radix(when, 16).ok()?,
+            })
+        })
+        .collect()
+}
+
+/// A connection that dies without a FIN (a dropped NAT entry, a powered-off peer) is found by
+/// TCP keep-alive on both sides: the router's socket to its client and to its upstream probe
+/// after 60 s idle. `/proc/net/tcp` shows the pending keep-alive timer; the test client's own
+/// socket, which does not ask for keep-alive, shows none — the check tells the two apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_and_upstream_sockets_use_tcp_keep_alive() {
+    let mock = MockUpstream::start().await;
+    let mock_port: u16 = mock.url().rsplit(':').next().unwrap().parse().unwrap();
+    let yaml = server_yaml(0, &[])
+        + &creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), &[])])
+        + "models:\n  - name: gpt-4o\n";
+    let router = Router::start(&yaml).await;
+    let mut sock = connect(&router).await;
+    let client_port = sock.local_addr().unwrap().port();
+    let body = serde_json::to_string(&chat_body("gpt-4o")).unwrap();
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {MASTER_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (head, _) = exchange(&mut sock, req.as_bytes())
+        .await
+        .expect("an answer");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(mock.count(), 1);
+
+    // Both connections stay open: the client's is kept alive, the upstream's pooled. A socket
+    // whose last bytes are not acknowledged yet shows its retransmit timer instead (1): read
+    // again until that has passed, for at most 2 s.
+    let find = |rows: &[TcpRow], local: Option<u16>, remote: u16| {
+        *rows
+            .iter()
+            .find(|r| r.remote_port == remote && local.is_none_or(|l| r.local_port == l))
+            .unwrap_or_else(|| panic!("no socket to port {remote} in {rows:?}"))
+    };
+    let mut rows = established();
+    for _ in 0..100 {
+        let routers = [(Some(router.port), client_port), (None, mock_port)];
+        if routers.iter().all(|&(l, r)| find(&rows, l, r).timer != 1) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        rows = established();
+    }
+    let to_client = find(&rows, Some(router.port), client_port);
+    let to_upstream = find(&rows, None, mock_port);
+    let ours = find(&rows, Some(client_port), router.port);
+    for (what, row) in [
+        ("to the client", to_client),
+        ("to the upstream", to_upstream),
+    ] {
+        assert_eq!(
+            row.timer, 2,
+            "the router's socket {what} has a keep-alive timer: {row:?}"
+        );
+        assert!(
+            (30 * 100..=60 * 100).contains(&row.when),
+            "it fires after the 60 s idle time: {row:?}"
+        );
+    }
+    assert_eq!(
+        ours.timer, 0,
+        "the test client's socket has no timer: {ours:?}"
+    );
+}
