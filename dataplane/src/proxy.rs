@@ -37,6 +37,7 @@ use crate::{
     request::{self, Probe, Rewritten},
     runtime::{Credential, Lookup, Route, Runtime, Slot, Tier},
     select::{select, select_shared, Exhausted, Pick, Query},
+    stall::StreamStallGuard,
     stream::{usage, StreamEnd, TokenUsage, UsageTap, Watchdog},
     upstream::{self, ResponseBody, HOPS_HEADER},
 };
@@ -805,6 +806,12 @@ impl Forward<'_> {
         let strip = sse && self.body.injected_usage;
         let watchdog = self.rt.config.server.request_timeout.map(Watchdog::new);
         let tap = UsageTap::new(body, strip, sse, on_done).watched(watchdog);
+        let write_timeout = self.rt.config.server.write_timeout;
+        if self.parts.version == http::Version::HTTP_2 && !write_timeout.is_zero() {
+            let request_id = self.ctx.request_id.clone();
+            let guarded = StreamStallGuard::new(tap, write_timeout, request_id);
+            return Response::from_parts(parts, guarded.boxed_unsync());
+        }
         Response::from_parts(parts, tap.boxed_unsync())
     }
 }

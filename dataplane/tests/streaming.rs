@@ -294,22 +294,29 @@ async fn a_silent_stream_is_ended_after_request_timeout() {
     assert!(logs.contains("sent nothing for 1s"), "{logs}");
 }
 
+/// A router with `write_timeout: 1s` in front of a mock whose next answer streams 300 events
+/// of `kib` KiB, 30 ms apart (9 s).
+async fn a_long_stream_behind_a_router(kib: usize) -> (MockUpstream, Router) {
+    let mock = MockUpstream::start().await;
+    let yaml = server_yaml(0, &["write_timeout: 1s"])
+        + &creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), &[])]);
+    let router = Router::start(&yaml).await;
+    let big = json!({"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o",
+        "choices": [{"index": 0, "delta": {"content": "x".repeat(kib * 1024)}}]});
+    let events = vec![big.to_string(); 300];
+    mock.push(Reply::stream(events, Duration::from_millis(30)));
+    (mock, router)
+}
+
 /// A client that stops reading while its stream goes on (its socket full, its kernel still
 /// answering) is disconnected after `write_timeout`, and its upstream request ends with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_disconnected_after_write_timeout() {
     use tokio::io::AsyncWriteExt;
-    let mock = MockUpstream::start().await;
-    let yaml = server_yaml(0, &["write_timeout: 1s"])
-        + &creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), &[])]);
-    let router = Router::start(&yaml).await;
-    // 64 KiB events every 30 ms for 9 s, 19 MB: more than the socket buffers on the way
-    // (the router's toward the client grow to 4 MB here, its upstream one and the mock's
-    // take more), so the stream is still going when the router gives up on the client.
-    let big = json!({"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o",
-        "choices": [{"index": 0, "delta": {"content": "x".repeat(64 * 1024)}}]});
-    let events = vec![big.to_string(); 300];
-    mock.push(Reply::stream(events, Duration::from_millis(30)));
+    // 64 KiB events, 19 MB: more than the socket buffers on the way (the router's toward the
+    // client grow to 4 MB here, its upstream one and the mock's take more), so the stream is
+    // still going when the router gives up on the client.
+    let (mock, router) = a_long_stream_behind_a_router(64).await;
 
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -343,4 +350,64 @@ async fn a_client_that_stops_reading_is_disconnected_after_write_timeout() {
     );
     assert!(logs.contains("end=\"client_gone\""), "{logs}");
     drop(client);
+}
+
+/// HTTP/2 flow control stalls one stream without the socket filling: a client that stops
+/// reading one stream (it grants no more window) while its connection lives on. The stream is
+/// ended after `write_timeout` without bytes taken, its upstream request with it, and the
+/// connection goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_its_client_stops_reading_ends_after_write_timeout() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use serde_json::Value;
+    // 4 KiB events: the 64 KiB stream window is full after 16.
+    let (mock, router) = a_long_stream_behind_a_router(4).await;
+
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", router.port))
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = |body: &Value| {
+        hyper::Request::post(router.url("/v1/chat/completions"))
+            .header("authorization", format!("Bearer {MASTER_KEY}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap()
+    };
+    let stalled = send
+        .send_request(request(&chat_stream_body("gpt-4o")))
+        .await
+        .unwrap();
+    assert_eq!(stalled.status().as_u16(), 200);
+    // …and its body is never read: hyper grants window only as it is.
+    assert!(
+        mock.wait_stream_aborted(Duration::from_secs(8)).await,
+        "the upstream stream still runs (events sent: {})",
+        mock.events_sent()
+    );
+    assert!(mock.events_sent() < 300, "all events were sent");
+    let logs = router.logs();
+    assert!(
+        logs.contains("client took no bytes of an HTTP/2 stream for server.write_timeout"),
+        "{logs}"
+    );
+    assert!(logs.contains("end=\"client_gone\""), "{logs}");
+
+    // The connection itself is fine: another request on it is answered.
+    mock.push(Reply::ok());
+    let resp = send
+        .send_request(request(&chat_body("gpt-4o")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("chat.completion"));
+    drop(stalled);
 }
