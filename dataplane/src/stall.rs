@@ -140,8 +140,10 @@ impl<S: AsyncWrite> AsyncWrite for StallLimit<S> {
     }
 }
 
-/// A response body of an HTTP/2 stream, ended when a frame it handed over waits longer than
-/// `limit` for the client to take it.
+/// A response body of an HTTP/2 stream, ended when hyper does not come back for the next
+/// frame within `limit` of taking one. hyper takes a frame and comes back once the frame
+/// before it is sent whole, so the limit is on each chunk: a client must take a whole chunk
+/// per `limit` (SSE chunks are small; a 64 KiB one at 60 s asks for ~1 KiB/s).
 ///
 /// hyper polls an HTTP/2 body only while its stream has send window, so a stalled stream is
 /// not seen from inside the body: the [`REAPER`] task looks at every guarded body each

@@ -358,31 +358,13 @@ async fn a_client_that_stops_reading_is_disconnected_after_write_timeout() {
 /// connection goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_stream_its_client_stops_reading_ends_after_write_timeout() {
-    use bytes::Bytes;
-    use http_body_util::{BodyExt, Full};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use serde_json::Value;
+    use http_body_util::BodyExt;
     // 4 KiB events: the 64 KiB stream window is full after 16.
     let (mock, router) = a_long_stream_behind_a_router(4).await;
 
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", router.port))
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(65_535)
-        .handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let request = |body: &Value| {
-        hyper::Request::post(router.url("/v1/chat/completions"))
-            .header("authorization", format!("Bearer {MASTER_KEY}"))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .unwrap()
-    };
+    let mut send = h2c_client(&router).await;
     let stalled = send
-        .send_request(request(&chat_stream_body("gpt-4o")))
+        .send_request(h2c_chat(&router, &chat_stream_body("gpt-4o")))
         .await
         .unwrap();
     assert_eq!(stalled.status().as_u16(), 200);
@@ -403,11 +385,92 @@ async fn an_http2_stream_its_client_stops_reading_ends_after_write_timeout() {
     // The connection itself is fine: another request on it is answered.
     mock.push(Reply::ok());
     let resp = send
-        .send_request(request(&chat_body("gpt-4o")))
+        .send_request(h2c_chat(&router, &chat_body("gpt-4o")))
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&body).contains("chat.completion"));
     drop(stalled);
+}
+
+/// An h2c (prior knowledge) connection to `router` whose streams get 64 KiB of window, granted
+/// again only as their bodies are read.
+async fn h2c_client(
+    router: &Router,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", router.port))
+        .await
+        .unwrap();
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(65_535)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// A chat completions request with `body`, for [`h2c_client`].
+fn h2c_chat(
+    router: &Router,
+    body: &serde_json::Value,
+) -> hyper::Request<http_body_util::Full<bytes::Bytes>> {
+    hyper::Request::post(router.url("/v1/chat/completions"))
+        .header("authorization", format!("Bearer {MASTER_KEY}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(body.to_string().into()))
+        .unwrap()
+}
+
+/// The HTTP/2 limit is on progress too: a client that reads its stream slowly but steadily,
+/// for several times `write_timeout` in all, gets all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_http2_reader_that_keeps_reading_is_never_cut_off() {
+    use http_body_util::BodyExt;
+    let mock = MockUpstream::start().await;
+    let yaml = server_yaml(0, &["write_timeout: 1s"])
+        + &creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), &[])]);
+    let router = Router::start(&yaml).await;
+    // 40 events of 8 KiB at once: 320 KiB, five windows' worth, read over about 4 s.
+    let big = json!({"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o",
+        "choices": [{"index": 0, "delta": {"content": "x".repeat(8 * 1024)}}]});
+    mock.push(Reply::stream(vec![big.to_string(); 40], Duration::ZERO));
+
+    let mut send = h2c_client(&router).await;
+    let resp = send
+        .send_request(h2c_chat(&router, &chat_stream_body("gpt-4o")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let started = Instant::now();
+    let mut body = resp.into_body();
+    let mut text = Vec::new();
+    for _ in 0..10_000 {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
+        let frame = frame.unwrap_or_else(|e| panic!("cut off: {e}; {}", router.logs()));
+        if let Ok(data) = frame.into_data() {
+            text.extend_from_slice(&data);
+            // 8 KiB per 100 ms: each chunk is taken well within the limit.
+            let pause = Duration::from_micros(100_000 * data.len() as u64 / 8192);
+            tokio::time::sleep(pause).await;
+        }
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let text = String::from_utf8_lossy(&text);
+    assert_eq!(text.matches("chat.completion.chunk").count(), 40);
+    assert_eq!(mock.streams_completed(), 1);
+    let logs = router.logs();
+    assert!(
+        !logs.contains("HTTP/2 stream for server.write_timeout"),
+        "{logs}"
+    );
+    assert!(logs.contains("end=\"complete\""), "{logs}");
 }
