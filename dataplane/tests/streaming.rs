@@ -294,17 +294,20 @@ async fn a_silent_stream_is_ended_after_request_timeout() {
     assert!(logs.contains("sent nothing for 1s"), "{logs}");
 }
 
-/// A router with `write_timeout: 1s` in front of a mock whose next answer streams 300 events
-/// of `kib` KiB, 30 ms apart (9 s).
-async fn a_long_stream_behind_a_router(kib: usize) -> (MockUpstream, Router) {
+/// A router with `write_timeout: 1s` in front of a mock whose next answer streams `events`
+/// events of `kib` KiB, `interval` apart.
+async fn a_stream_behind_a_router(
+    events: usize,
+    kib: usize,
+    interval: Duration,
+) -> (MockUpstream, Router) {
     let mock = MockUpstream::start().await;
     let yaml = server_yaml(0, &["write_timeout: 1s"])
         + &creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), &[])]);
     let router = Router::start(&yaml).await;
     let big = json!({"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o",
         "choices": [{"index": 0, "delta": {"content": "x".repeat(kib * 1024)}}]});
-    let events = vec![big.to_string(); 300];
-    mock.push(Reply::stream(events, Duration::from_millis(30)));
+    mock.push(Reply::stream(vec![big.to_string(); events], interval));
     (mock, router)
 }
 
@@ -313,10 +316,10 @@ async fn a_long_stream_behind_a_router(kib: usize) -> (MockUpstream, Router) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_disconnected_after_write_timeout() {
     use tokio::io::AsyncWriteExt;
-    // 64 KiB events, 19 MB: more than the socket buffers on the way (the router's toward the
-    // client grow to 4 MB here, its upstream one and the mock's take more), so the stream is
-    // still going when the router gives up on the client.
-    let (mock, router) = a_long_stream_behind_a_router(64).await;
+    // 64 KiB events every 30 ms for 9 s, 19 MB: more than the socket buffers on the way (the
+    // router's toward the client grow to 4 MB here, its upstream one and the mock's take
+    // more), so the stream is still going when the router gives up on the client.
+    let (mock, router) = a_stream_behind_a_router(300, 64, Duration::from_millis(30)).await;
 
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
@@ -359,8 +362,8 @@ async fn a_client_that_stops_reading_is_disconnected_after_write_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_stream_its_client_stops_reading_ends_after_write_timeout() {
     use http_body_util::BodyExt;
-    // 4 KiB events: the 64 KiB stream window is full after 16.
-    let (mock, router) = a_long_stream_behind_a_router(4).await;
+    // 4 KiB events every 30 ms for 9 s: the 64 KiB stream window is full after 16.
+    let (mock, router) = a_stream_behind_a_router(300, 4, Duration::from_millis(30)).await;
 
     let mut send = h2c_client(&router).await;
     let stalled = send
@@ -435,14 +438,8 @@ fn h2c_chat(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_http2_reader_that_keeps_reading_is_never_cut_off() {
     use http_body_util::BodyExt;
-    let mock = MockUpstream::start().await;
-    let yaml = server_yaml(0, &["write_timeout: 1s"])
-        + &creds_yaml(&[cred("c1", "openai", "sk-c1", &mock.url(), &[])]);
-    let router = Router::start(&yaml).await;
     // 40 events of 8 KiB at once: 320 KiB, five windows' worth, read over about 4 s.
-    let big = json!({"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o",
-        "choices": [{"index": 0, "delta": {"content": "x".repeat(8 * 1024)}}]});
-    mock.push(Reply::stream(vec![big.to_string(); 40], Duration::ZERO));
+    let (mock, router) = a_stream_behind_a_router(40, 8, Duration::ZERO).await;
 
     let mut send = h2c_client(&router).await;
     let resp = send
