@@ -312,7 +312,9 @@ impl Reaper {
         loop {
             tick.tick().await;
             let now = self.now_ms();
-            let overdue: Vec<Arc<dyn Reap>> = {
+            // Upgraded under the list's lock, let go and reaped outside it: a stream that ends
+            // meanwhile is dropped here, and dropping or ending one writes its access line.
+            let (overdue, _rest): (Vec<Arc<dyn Reap>>, Vec<_>) = {
                 let mut watched = self.streams.lock();
                 watched.streams.retain(|s| s.strong_count() > 0);
                 if watched.streams.is_empty() {
@@ -322,10 +324,8 @@ impl Reaper {
                     return;
                 }
                 let streams = watched.streams.iter().filter_map(Weak::upgrade);
-                streams.filter(|s| s.overdue(now)).collect()
+                streams.partition(|s| s.overdue(now))
             };
-            // Reaped outside the list's lock: ending a stream writes its access line and
-            // drops its upstream body.
             for stream in overdue {
                 stream.reap(now);
             }
