@@ -205,11 +205,22 @@ async fn start_router(yaml: &str, pki: &Pki) -> Router {
 /// Starts a stream (asking for usage) and reads it to its first content chunk; the response
 /// is kept to finish later.
 async fn first_chunk(router: &Router) -> reqwest::Response {
+    first_chunk_with(router, &http_client()).await
+}
+
+/// [`first_chunk`] sent by `client`.
+async fn first_chunk_with(router: &Router, client: &reqwest::Client) -> reqwest::Response {
     let body = serde_json::json!({
         "model": "m", "stream": true, "stream_options": {"include_usage": true},
         "messages": [{"role": "user", "content": "hello"}],
     });
-    let mut resp = router.post("/v1/chat/completions", &body).await;
+    let mut resp = client
+        .post(router.url("/v1/chat/completions"))
+        .bearer_auth(MASTER_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut got = Vec::new();
@@ -600,4 +611,96 @@ async fn an_upstream_refusing_every_stream_fails_after_two_resends() {
     let logs = router.logs();
     assert!(logs.contains("refused the HTTP/2 stream"), "{logs}");
     assert!(!logs.contains(KEY), "no key in the log");
+}
+
+/// A TCP relay to `target` that can be frozen: it then stops copying either way but keeps
+/// both sockets open, as a dropped NAT entry or a powered-off peer behind a live link does
+/// (no FIN, no RST: the kernel on this side still accepts bytes).
+struct Relay {
+    addr: SocketAddr,
+    frozen: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Relay {
+    async fn start(target: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (frozen, is_frozen) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            // Dropped with this task when the relay is: every connection ends with it.
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let mut is_frozen = is_frozen.clone();
+                connections.spawn(async move {
+                    let (mut a, mut b) = (inbound, outbound);
+                    let freeze = async move {
+                        let _ = is_frozen.wait_for(|f| *f).await;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                        _ = freeze => {
+                            // Both sockets stay open, and nothing is copied.
+                            std::future::pending::<()>().await
+                        }
+                    }
+                });
+            }
+        });
+        Relay { addr, frozen, task }
+    }
+
+    fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+}
+
+/// An HTTP/2 upstream connection that goes silent without closing (its peer gone behind a
+/// live link) is found by pings — 30 s without a frame, then 20 s for the answer — and the
+/// stream waiting on it ends then, not at `request_timeout` (10 minutes here) or never.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_http2_upstream_is_found_by_pings_and_its_stream_ended() {
+    let up = Upstream::start(None, &[], 100).await;
+    let relay = Relay::start(up.addr).await;
+    let base_url = format!("http://{}", relay.addr);
+    let yaml = server_yaml(0, &["request_timeout: 10m"])
+        + &creds_yaml(&[cred(
+            "c1",
+            "openai",
+            KEY,
+            &base_url,
+            &["http_version: http2"],
+        )]);
+    let router = Router::start(&yaml).await;
+    // A client of its own: the harness's gives up after 20 s.
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut resp = first_chunk_with(&router, &client).await;
+
+    relay.freeze();
+    let frozen_at = Instant::now();
+    // Bounded: 90 s is past the 50 s the pings take, well short of request_timeout.
+    let ended = tokio::time::timeout(Duration::from_secs(90), async {
+        while let Ok(Some(_)) = resp.chunk().await {}
+    })
+    .await;
+    let waited = frozen_at.elapsed();
+    assert!(ended.is_ok(), "the stream still waits after 90 s");
+    assert!(
+        (Duration::from_secs(40)..Duration::from_secs(80)).contains(&waited),
+        "ended {waited:?} after the upstream went silent; pings take 30 s + 20 s"
+    );
+    let logs = router.logs();
+    assert!(logs.contains("end=\"upstream_error\""), "{logs}");
 }
