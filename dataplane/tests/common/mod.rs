@@ -1826,7 +1826,9 @@ impl RedisCluster {
             up?;
         }
         let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let created = Command::new("redis-cli")
+        // Bounded like every redis-cli call: it waits for the nodes to agree without limit.
+        let created = Command::new("timeout")
+            .args(["-k", "5", "60", "redis-cli"])
             .args(&cluster.tls)
             .args(["--cluster", "create"])
             .args(&addrs)
@@ -1836,7 +1838,8 @@ impl RedisCluster {
             .expect("redis-cli is missing: Debian's redis-tools provides it (redis-server depends on it)");
         if !created.status.success() {
             return Err(format!(
-                "redis-cli --cluster create failed: {}",
+                "redis-cli --cluster create failed ({}): {}",
+                created.status,
                 String::from_utf8_lossy(&created.stdout)
             ));
         }
