@@ -146,8 +146,8 @@ impl<S: AsyncWrite> AsyncWrite for StallLimit<S> {
 /// per `limit` (SSE chunks are small; a 64 KiB one at 60 s asks for ~1 KiB/s).
 ///
 /// hyper polls an HTTP/2 body only while its stream has send window, so a stalled stream is
-/// not seen from inside the body: the [`REAPER`] task looks at every guarded body each
-/// [`REAP_TICK`] and drops the body of one that waited too long. That ends its upstream
+/// not seen from inside the body: one reaper task looks at every guarded body four times a
+/// second and drops the body of one that waited too long. That ends its upstream
 /// request and writes its access line (`client_gone`); hyper's stream keeps the one frame it
 /// holds until the client grants window (the body then answers an error: hyper resets the
 /// stream) or closes the connection.
@@ -261,7 +261,7 @@ impl<B: Send> Reap for Guarded<B> {
 /// The streams being watched, and the task that watches them (running while there are any).
 struct Reaper {
     epoch: Instant,
-    streams: Mutex<Watched>,
+    watched: Mutex<Watched>,
 }
 
 #[derive(Default)]
@@ -276,7 +276,7 @@ impl Reaper {
     fn new() -> Reaper {
         Reaper {
             epoch: Instant::now(),
-            streams: Mutex::default(),
+            watched: Mutex::default(),
         }
     }
 
@@ -286,7 +286,7 @@ impl Reaper {
     }
 
     fn watch(&'static self, stream: Weak<dyn Reap>) {
-        let mut watched = self.streams.lock();
+        let mut watched = self.watched.lock();
         watched.streams.push(stream);
         if !watched.running {
             watched.running = true;
@@ -302,7 +302,7 @@ impl Reaper {
         impl Drop for Cancelled {
             fn drop(&mut self) {
                 if let Some(reaper) = self.0 {
-                    reaper.streams.lock().running = false;
+                    reaper.watched.lock().running = false;
                 }
             }
         }
@@ -315,7 +315,7 @@ impl Reaper {
             // Upgraded under the list's lock, let go and reaped outside it: a stream that ends
             // meanwhile is dropped here, and dropping or ending one writes its access line.
             let (overdue, _rest): (Vec<Arc<dyn Reap>>, Vec<_>) = {
-                let mut watched = self.streams.lock();
+                let mut watched = self.watched.lock();
                 watched.streams.retain(|s| s.strong_count() > 0);
                 if watched.streams.is_empty() {
                     // Under the lock: a stream watched after this starts a new task.
@@ -460,11 +460,11 @@ mod tests {
         async fn the_reaper_stops_when_no_stream_is_left() {
             let (_upstream, body, reaper) = guarded(Duration::from_secs(60));
             tokio::time::sleep(REAP_TICK * 2).await;
-            assert!(reaper.streams.lock().running);
+            assert!(reaper.watched.lock().running);
             drop(body);
             tokio::time::sleep(REAP_TICK * 2).await;
             {
-                let watched = reaper.streams.lock();
+                let watched = reaper.watched.lock();
                 assert!(!watched.running && watched.streams.is_empty());
             }
 
@@ -473,7 +473,7 @@ mod tests {
             let id = HeaderValue::from_static("req-2");
             let limit = Duration::from_secs(60);
             let mut body = StreamStallGuard::watched_by(reaper, StreamBody::new(rx), limit, id);
-            assert!(reaper.streams.lock().running);
+            assert!(reaper.watched.lock().running);
             upstream.send(chunk()).await.unwrap();
             body.frame().await.unwrap().unwrap();
             tokio::time::sleep(Duration::from_secs(61)).await;

@@ -1590,11 +1590,7 @@ impl RedisServer {
 
     async fn try_start_on(port: u16) -> Result<RedisServer, String> {
         let mut server = Self::spawn(&["--port", &port.to_string()], port);
-        let ping = async || {
-            let reply = Self::send(port, &["PING"]).await;
-            Self::line(&mut reply?).await
-        };
-        let ping = async || ping().await.as_deref() == Some("+PONG");
+        let ping = async || Self::command_on(port, &["PING"]).await.as_deref() == Some("+PONG");
         server.wait_for("answer PING", ping).await?;
         Ok(server)
     }
@@ -1718,7 +1714,12 @@ impl RedisServer {
 
     /// Sends one command and returns the first line of the reply (`+PONG`, `:1`, `$2`…).
     pub async fn command(&self, args: &[&str]) -> Option<String> {
-        Self::line(&mut Self::send(self.port, args).await?).await
+        Self::command_on(self.port, args).await
+    }
+
+    /// [`RedisServer::command`] to the server on `port`.
+    async fn command_on(port: u16, args: &[&str]) -> Option<String> {
+        Self::line(&mut Self::send(port, args).await?).await
     }
 
     /// Sends one command and returns a bulk-string reply's value (`None` for a nil reply or

@@ -9,9 +9,10 @@
 //! channel (a 9 KB block) and 8 KiB read and write buffers it never shrinks, and hands every
 //! chunk of an answer from that task to the one that forwards it through a body channel:
 //! ~27 KB reserved and a task switch per chunk for each open stream, which put 5,000 open
-//! streams at 163 MB (`bench/NOTES.md`, eleventh round). Here the request is written and the response read by whoever polls it, through a
-//! 2 KiB buffer that grows only for larger answers. Parsing is `httparse` (hyper's parser);
-//! [`codec`] holds the framing rules, kept apart from the I/O in [`conn`].
+//! streams at 163 MB (`bench/NOTES.md`, eleventh round). Here the request is written and the
+//! response read by whoever polls it, through a 2 KiB buffer that grows only for larger
+//! answers. Parsing is `httparse` (hyper's parser); [`codec`] holds the framing rules, kept
+//! apart from the I/O in [`conn`].
 
 mod codec;
 mod conn;
